@@ -1,0 +1,176 @@
+"""`curator clean`: scan a folder, judge every file, embed every usable image once, write the manifest.
+
+This module holds stage 1 (integrity and embeddings). Later stages (duplicates, mislabels) read the same manifest
+and the same cached embeddings.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import polars as pl
+
+from curator import manifest
+from curator.backbones import DEFAULT_BACKBONE, load_backbone
+from curator.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_files
+from curator.errors import ManifestError, UsageError
+from curator.images import STATUS_OK, FileInfo, looks_like_image, scan
+from curator.runtime import Runtime, select_runtime
+
+DEFAULT_WORKSPACE = Path("curated")
+
+
+class Progress(Protocol):
+    """Receives progress from long stages; the CLI draws it with rich."""
+
+    def start(self, stage: str, total: int) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+class _Silent:
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class CleanSettings:
+    """Everything that decides a clean run's output; written next to it as settings.json."""
+
+    root: Path
+    workspace: Path = DEFAULT_WORKSPACE
+    group_pattern: str | None = None
+    backbone: str = DEFAULT_BACKBONE
+    weights: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None
+
+
+@dataclass
+class CleanResult:
+    """The manifest and where it went, with what the embedding pass did."""
+
+    manifest: pl.DataFrame
+    manifest_path: Path
+    embed: EmbedReport
+    runtime: Runtime
+    backbone_key: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.manifest.group_by("status").len().iter_rows())
+
+
+def compile_group_pattern(pattern: str | None) -> re.Pattern | None:
+    """The --group-pattern regex, checked: its first capture group (or whole match) on a file name is the group."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--group-pattern {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def group_of(name: str, pattern: re.Pattern | None) -> str | None:
+    if pattern is None:
+        return None
+    match = pattern.search(name)
+    if match is None:
+        return None
+    return match.group(1) if pattern.groups else match.group(0)
+
+
+def build_manifest(root: Path, infos: Sequence[FileInfo], group_pattern: re.Pattern | None = None) -> pl.DataFrame:
+    """The stage-1 manifest frame for `infos` (paths under `root`), in the order given."""
+    rows = []
+    for info in infos:
+        rel = Path(info.path).relative_to(root).as_posix()
+        parts = rel.split("/")
+        rows.append(
+            {
+                "id": manifest.row_id(rel),
+                "path": rel,
+                "label": parts[0] if len(parts) > 1 else None,
+                "group": group_of(parts[-1], group_pattern),
+                "sha256": info.sha256,
+                "bytes": info.bytes,
+                "width": info.width,
+                "height": info.height,
+                "format": info.format,
+                "mode": info.mode,
+                "status": info.status,
+                "reason": info.reason,
+                "keep": info.status == STATUS_OK,
+            }
+        )
+    return manifest.validate(pl.DataFrame(rows, schema=manifest.schema()))
+
+
+def _known_verdicts(root: Path, workspace: Path) -> dict[str, FileInfo]:
+    """Verdicts from the workspace's previous manifest, by content hash, so unchanged files are not decoded again."""
+    try:
+        previous = manifest.read(workspace / manifest.MANIFEST_NAME)
+    except ManifestError:
+        return {}
+    known = {}
+    for row in previous.filter(pl.col("sha256").is_not_null()).iter_rows(named=True):
+        status = row["status"] if row["status"] in ("ok", "corrupt", "ignored") else STATUS_OK
+        known[row["sha256"]] = FileInfo(
+            root / row["path"], row["sha256"], row["bytes"], row["width"], row["height"], row["format"],
+            row["mode"], status, row["reason"] if status != STATUS_OK else None,
+        )
+    return known
+
+
+def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanResult:
+    """Run stage 1 on `settings.root` and write `manifest.parquet` and `settings.json` into the workspace."""
+    progress = progress or _Silent()
+    root = Path(settings.root)
+    if not root.exists():
+        raise UsageError(f"root folder {root} does not exist")
+    if not root.is_dir():
+        raise UsageError(f"root {root} is not a folder")
+    root = root.resolve()
+    workspace = Path(settings.workspace).resolve()
+    pattern = compile_group_pattern(settings.group_pattern)
+    runtime = select_runtime(settings.device, settings.dtype)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    paths = scan(root, exclude=[workspace])
+    timings["scan"] = time.perf_counter() - t0
+    if not paths:
+        raise UsageError(f"root folder {root} is empty: no files to clean")
+    if not any(looks_like_image(p) for p in paths):
+        raise UsageError(f"no image files under {root} ({len(paths)} files, none of them an image)")
+
+    t0 = time.perf_counter()
+    backbone = load_backbone(settings.backbone, settings.weights)
+    timings["load_backbone"] = time.perf_counter() - t0
+    cache = cache_for(workspace, backbone)
+    progress.start("integrity + embeddings", len(paths))
+    report = embed_files(
+        paths, backbone, cache, runtime, batch_size=settings.batch_size, workers=settings.workers,
+        known=_known_verdicts(root, workspace), progress=progress.advance,
+    )
+    timings["integrity_and_embeddings"] = report.seconds
+    timings["model"] = report.model_seconds
+    frame = build_manifest(root, report.infos, pattern)
+    meta = {"root": str(root), "backbone": backbone.name, "backbone_key": backbone.key,
+            "weights": backbone.weights_origin, "feature_layout": backbone.feature_layout}
+    path = manifest.write_atomic(frame, workspace / manifest.MANIFEST_NAME, meta)
+    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
+    resolved.update(root=str(root), workspace=str(workspace), device_resolved=runtime.device,
+                    dtype_resolved=runtime.dtype, dtype_reason=runtime.reason, backbone_key=backbone.key,
+                    weights_origin=backbone.weights_origin)
+    manifest.write_json_atomic(resolved, workspace / "settings.json")
+    return CleanResult(frame, path, report, runtime, backbone.key, timings)

@@ -1,0 +1,135 @@
+"""`curator`: the data-side command line. Parses arguments, calls the library, prints; nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import polars as pl
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from curator.errors import AtelierError
+
+app = typer.Typer(
+    name="curator",
+    help="Turn messy folders of artwork images into clean, leak-free training sets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class RichProgress:
+    """Draws the library's progress callbacks as a rich progress bar with rate and ETA."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task = None
+
+    def start(self, stage: str, total: int) -> None:
+        self.task = self.progress.add_task(stage, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, blank until rich has measured a rate."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:6.1f}/s" if task.speed else "     -/s")
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )
+
+
+@app.callback()
+def _root() -> None:
+    """Turn messy folders of artwork images into clean, leak-free training sets.
+
+    Stages share one workspace (default ./curated): a Parquet manifest with one row per file, and cached embeddings.
+    """
+
+
+def fail(exc: AtelierError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=exc.exit_code)
+
+
+@app.command()
+def clean(
+    root: Annotated[Path, typer.Argument(help="Folder of images, one subfolder per class (label).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Workspace for the manifest, caches and reports.")] = Path(
+        "curated"),
+    group_pattern: Annotated[Optional[str], typer.Option(
+        help="Regex on the file name whose first group is the row's group (e.g. artist: '^([^_]+)_'). "
+             "Groups never span two splits.")] = None,
+    backbone: Annotated[str, typer.Option(
+        help="Embedding model: an offline one (efficientnet_lite0, default) or any timm name.")] = "efficientnet_lite0",
+    weights: Annotated[Optional[Path], typer.Option(
+        help="Weights for --backbone: a .safetensors file or a torch state dict (never unpickled).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="auto (bf16 only where the hardware has it), fp32 or bf16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
+    workers: Annotated[Optional[int], typer.Option(
+        min=0, help="Decode worker processes (default: cores - 1, at least 1).")] = None,
+) -> None:
+    """Scan ROOT, check every file, embed every usable image once (cached), and write the manifest."""
+    from curator.clean import CleanSettings
+    from curator.clean import clean as run_clean
+    from curator.runtime import configure_allocator
+
+    configure_allocator()
+    settings = CleanSettings(root=root, workspace=out, group_pattern=group_pattern, backbone=backbone,
+                             weights=weights, device=device, dtype=dtype, batch_size=batch_size, workers=workers)
+    try:
+        with progress_bar() as bar:
+            result = run_clean(settings, RichProgress(bar))
+    except AtelierError as exc:
+        raise fail(exc) from None
+    print_clean_summary(result)
+
+
+def print_clean_summary(result) -> None:
+    df = result.manifest
+    table = Table(title="curator clean", show_footer=False)
+    table.add_column("class")
+    statuses = ["ok", "corrupt", "ignored"]
+    for status in ["files", *statuses]:
+        table.add_column(status, justify="right")
+    per = df.group_by("label").agg(
+        pl.len().alias("files"), *[(pl.col("status") == s).sum().alias(s) for s in statuses]
+    ).sort("label", nulls_last=True)
+    for row in per.iter_rows(named=True):
+        table.add_row(row["label"] or "(root)", *[str(row[c]) for c in ["files", *statuses]])
+    totals = [str(len(df)), *[str(int((df["status"] == s).sum())) for s in statuses]]
+    table.add_row("[bold]total", *[f"[bold]{t}" for t in totals])
+    console.print(table)
+    e = result.embed
+    console.print(
+        f"embeddings: {e.computed} computed, {e.reused} reused from cache "
+        f"({e.images_per_second:.1f} images/s; {result.runtime.device}, {result.runtime.dtype})"
+    )
+    console.print(f"manifest: [bold]{result.manifest_path}[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""One embedding pass over a folder, cached by file content so that reruns compute only what is new.
+
+Decoding (and the integrity check that comes with it) runs in DataLoader worker processes; the model runs batched
+in the main process, channels_last under `torch.inference_mode`. Each computed batch is appended to the cache at once,
+so an interrupted run loses at most the batch in flight.
+
+The feature of an image is the concatenation of named parts (see `Backbone.feature_layout`):
+- `pooled`: the backbone's final globally pooled vector (1280 wide for lite0);
+- `stats`: mean and standard deviation over space of every feature stage the model exposes ("style statistics",
+  1024 wide for lite0), which describe texture and brushwork rather than objects.
+`EMBEDDING_PARTS` names the parts that downstream stages use as "the embedding", chosen by measurement
+(bench/feature_choice.py, docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from curator.backbones import Backbone, stats_indices
+from curator.images import FileInfo, decode_bytes, read_image
+from curator.runtime import Runtime
+
+EMBEDDING_PARTS = ("pooled", "stats")
+DEFAULT_BATCH_SIZE = 32
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The model's eval preprocessing split in two: PIL steps (run in decode workers) and normalisation (batched)."""
+
+    pil_steps: Callable
+    draft_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def preprocess_for(data_config: dict) -> Preprocess:
+    """Derive the preprocessing from a timm data config (timm's own eval transform, cut before ToTensor)."""
+    import timm.data
+    from torchvision import transforms
+
+    full = timm.data.create_transform(**data_config, is_training=False)
+    steps = []
+    for step in full.transforms:
+        if type(step).__name__ in ("ToTensor", "MaybeToTensor"):
+            break
+        steps.append(step)
+    side = max(data_config["input_size"][1:])
+    for step in steps:
+        if isinstance(step, transforms.Resize):
+            size = step.size
+            side = max(size) if isinstance(size, (tuple, list)) else int(size)
+    return Preprocess(transforms.Compose(steps), (side, side), tuple(data_config["mean"]), tuple(data_config["std"]))
+
+
+class EmbeddingCache:
+    """Append-only store of (sha256 of file bytes, float16 feature) records for one backbone key.
+
+    A torn last record (a run killed mid-write) is cut off on open, so appending always resumes cleanly.
+    """
+
+    def __init__(self, directory: Path, key: str, dim: int, layout: dict[str, tuple[int, int]] | None = None):
+        self.directory = Path(directory)
+        self.key = key
+        self.dim = dim
+        self.path = self.directory / f"{key}.emb"
+        self.meta_path = self.directory / f"{key}.json"
+        self.record = np.dtype([("sha", "u1", (32,)), ("vec", "<f2", (dim,))])
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.meta_path.exists():
+            self.meta_path.write_text(json.dumps({"key": key, "dim": dim, "layout": layout or {}}, indent=2))
+        self._index: dict[bytes, int] = {}
+        self._vectors = np.zeros((0, dim), dtype=np.float16)
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        size = self.path.stat().st_size
+        whole = size // self.record.itemsize
+        if whole * self.record.itemsize != size:
+            os.truncate(self.path, whole * self.record.itemsize)
+        records = np.fromfile(self.path, dtype=self.record, count=whole)
+        self._vectors = records["vec"]
+        self._index = {sha.tobytes(): i for i, sha in enumerate(records["sha"])}
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, sha: str) -> bool:
+        return bytes.fromhex(sha) in self._index
+
+    def shas(self) -> set[str]:
+        return {sha.hex() for sha in self._index}
+
+    def append(self, shas: Sequence[str], vectors: np.ndarray) -> None:
+        """Persist a batch (flushed and synced before returning)."""
+        records = np.empty(len(shas), dtype=self.record)
+        records["sha"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
+        records["vec"] = vectors.astype(np.float16)
+        with open(self.path, "ab") as fh:
+            fh.write(records.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        start = len(self._vectors)
+        self._vectors = np.concatenate([self._vectors, records["vec"]])
+        for i, sha in enumerate(records["sha"]):
+            self._index[sha.tobytes()] = start + i
+
+    def get(self, shas: Sequence[str]) -> np.ndarray:
+        """float32 features for `shas`, in order; raises KeyError naming the first one not cached."""
+        rows = []
+        for sha in shas:
+            key = bytes.fromhex(sha)
+            if key not in self._index:
+                raise KeyError(f"no cached embedding for sha256 {sha}")
+            rows.append(self._index[key])
+        return self._vectors[np.asarray(rows, dtype=np.int64)].astype(np.float32)
+
+
+def cache_for(workspace: Path, backbone: Backbone) -> EmbeddingCache:
+    """The workspace's embedding cache for this backbone (weights, preprocessing and feature layout included)."""
+    return EmbeddingCache(Path(workspace) / "cache" / "embeddings", backbone.key, backbone.feature_dim,
+                          backbone.feature_layout)
+
+
+def select_parts(features: np.ndarray, layout: dict[str, tuple[int, int]], parts: Sequence[str]) -> np.ndarray:
+    """The columns of `features` that make up the named parts, in order (parts a model lacks are skipped)."""
+    chunks = [features[:, layout[p][0]:layout[p][1]] for p in parts if p in layout]
+    if not chunks:
+        raise ValueError(f"none of the parts {list(parts)} exist; layout has {list(layout)}")
+    return np.concatenate(chunks, axis=1)
+
+
+def forward_features(backbone: Backbone, x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """The full feature vector (all layout parts, float32) for a normalised batch."""
+    import torch
+
+    model = backbone.model
+    indices = stats_indices(model)
+    if not indices:
+        return model.forward_head(model.forward_features(x), pre_logits=True).float()
+    final, intermediates = model.forward_intermediates(x, indices=indices)
+    parts = [model.forward_head(final, pre_logits=True).float()]
+    for feat in intermediates:
+        feat = feat.float()
+        parts.append(feat.mean(dim=(2, 3)))
+        parts.append(feat.std(dim=(2, 3)))
+    return torch.cat(parts, dim=1)
+
+
+class _DecodeDataset:
+    """Files to (index, FileInfo, uint8 CHW array or None): decode only what the cache and the manifest lack."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, cached: set[str],
+                 known: dict[str, FileInfo]):
+        self.paths = list(paths)
+        self.preprocess = preprocess
+        self.cached = cached
+        self.known = known
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            data = path.read_bytes()
+        except OSError:
+            decoded = read_image(path)  # turns the read failure into the right row
+            return index, decoded.info, None
+        sha = hashlib.sha256(data).hexdigest()
+        prior = self.known.get(sha)
+        if prior is not None and (sha in self.cached or not prior.ok):
+            return index, _with_path(prior, path, len(data)), None
+        decoded = decode_bytes(path, data, self.preprocess.draft_size)
+        if not decoded.info.ok or sha in self.cached:
+            return index, decoded.info, None
+        pixels = np.asarray(self.preprocess.pil_steps(decoded.image), dtype=np.uint8)
+        return index, decoded.info, np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _with_path(info: FileInfo, path: Path, size: int) -> FileInfo:
+    return FileInfo(path, info.sha256, size, info.width, info.height, info.format, info.mode, info.status, info.reason)
+
+
+def _collate(items):
+    import torch
+
+    indices = [i for i, _, _ in items]
+    infos = [info for _, info, _ in items]
+    arrays = [(pos, a) for pos, (_, _, a) in enumerate(items) if a is not None]
+    pixels = torch.from_numpy(np.stack([a for _, a in arrays])) if arrays else None
+    return indices, infos, [pos for pos, _ in arrays], pixels
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    """What the pass did: every file's info in input order, how many embeddings were computed or reused, timings."""
+
+    infos: list[FileInfo]
+    computed: int
+    reused: int
+    seconds: float
+    model_seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+
+def default_workers() -> int:
+    """Decode workers: one per core beyond the first, at least one, at most eight."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache, runtime: Runtime, *,
+                batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
+                known: dict[str, FileInfo] | None = None, progress: ProgressFn | None = None) -> EmbedReport:
+    """Judge every file and make sure every ok image's features are in `cache`.
+
+    `known` maps sha256 to an earlier verdict (from a previous manifest): such files are hashed but not decoded
+    again when their embedding is cached too.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    workers = default_workers() if workers is None else workers
+    preprocess = preprocess_for(backbone.data_config)
+    device = torch.device(runtime.device)
+    model = backbone.model.to(device).to(memory_format=torch.channels_last)
+    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
+    dataset = _DecodeDataset(paths, preprocess, cache.shas(), known or {})
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    infos: list[FileInfo | None] = [None] * len(dataset)
+    pending_shas: list[str] = []
+    pending_pixels: list[torch.Tensor] = []
+    computed = 0
+    reused = 0
+    model_seconds = 0.0
+    queued: set[str] = set()
+
+    def run_model(shas: list[str], pixels: torch.Tensor) -> None:
+        nonlocal computed, model_seconds
+        t0 = time.perf_counter()
+        x = pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.autocast):
+            feats = forward_features(backbone, x)
+        cache.append(shas, feats.float().cpu().numpy())
+        model_seconds += time.perf_counter() - t0
+        computed += len(shas)
+
+    start = time.perf_counter()
+    for indices, batch_infos, positions, pixels in loader:
+        for index, info in zip(indices, batch_infos):
+            infos[index] = info
+        new = []
+        for row, pos in enumerate(positions):
+            sha = batch_infos[pos].sha256
+            if sha not in queued:  # identical files in one run are embedded once
+                queued.add(sha)
+                new.append(row)
+        if new:
+            pending_shas.extend(batch_infos[positions[r]].sha256 for r in new)
+            pending_pixels.append(pixels[new] if len(new) != len(positions) else pixels)
+        while len(pending_shas) >= batch_size:
+            stacked = torch.cat(pending_pixels)
+            run_model(pending_shas[:batch_size], stacked[:batch_size])
+            pending_shas = pending_shas[batch_size:]
+            pending_pixels = [stacked[batch_size:]] if pending_shas else []
+        if progress:
+            progress(len(indices))
+    if pending_shas:
+        run_model(pending_shas, torch.cat(pending_pixels))
+    elapsed = time.perf_counter() - start
+    ok = sum(1 for info in infos if info is not None and info.ok)
+    reused = ok - computed
+    return EmbedReport([info for info in infos if info is not None], computed, max(reused, 0), elapsed, model_seconds)

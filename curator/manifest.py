@@ -1,0 +1,145 @@
+"""The manifest: one Parquet row per file, the contract between every stage. Its columns are defined here only.
+
+Stages add column groups; a manifest is valid when every core column is present with its type, and every other
+column it carries is one defined here, with its type. Files are written atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from curator.errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.parquet"
+STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier")
+
+
+@dataclass(frozen=True)
+class Column:
+    dtype: pl.DataType
+    meaning: str
+
+
+CORE: dict[str, Column] = {
+    "id": Column(pl.String, "stable row id: the first 16 hex digits of sha256 of `path`"),
+    "path": Column(pl.String, "file path relative to the scanned root, POSIX separators"),
+    "label": Column(pl.String, "class: the first folder below the root; null for files at the root"),
+    "group": Column(pl.String, "group for leak-free splits (e.g. artist) from --group-pattern; null if none"),
+    "sha256": Column(pl.String, "sha256 of the file's bytes; null only when the file could not be read"),
+    "bytes": Column(pl.Int64, "file size in bytes"),
+    "width": Column(pl.Int32, "width in pixels after EXIF orientation; null when not an image"),
+    "height": Column(pl.Int32, "height in pixels after EXIF orientation; null when not an image"),
+    "format": Column(pl.String, "decoder's format name (JPEG, PNG, ...); null when not an image"),
+    "mode": Column(pl.String, "Pillow mode as stored in the file (RGB, CMYK, I;16, P, ...)"),
+    "status": Column(pl.String, f"one of {', '.join(STATUSES)}"),
+    "reason": Column(pl.String, "why the status is not ok, in a sentence; null when ok"),
+    "keep": Column(pl.Boolean, "whether the row goes on to training (status ok)"),
+}
+
+# Column groups added by later stages. They are validated for type whenever present.
+OPTIONAL: dict[str, Column] = {}
+
+COLUMNS: dict[str, Column] = {**CORE, **OPTIONAL}
+
+
+def schema() -> dict[str, pl.DataType]:
+    """The core columns and their polars types, in order."""
+    return {name: col.dtype for name, col in CORE.items()}
+
+
+def row_id(path: str) -> str:
+    """Stable id for a row from its relative path."""
+    return hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
+
+
+def validate(df: pl.DataFrame, source: str = "manifest") -> pl.DataFrame:
+    """Return `df` if it satisfies the contract, else raise `ManifestError` saying exactly what is wrong."""
+    missing = [name for name in CORE if name not in df.columns]
+    if missing:
+        raise ManifestError(
+            f"{source} is missing column(s) {', '.join(missing)}; it was written by an older or other tool: "
+            f"run `curator clean` again"
+        )
+    unknown = [name for name in df.columns if name not in COLUMNS]
+    if unknown:
+        raise ManifestError(f"{source} has unknown column(s) {', '.join(unknown)}; expected only {', '.join(COLUMNS)}")
+    wrong = [
+        f"{name} is {df.schema[name]}, expected {COLUMNS[name].dtype}"
+        for name in df.columns
+        if df.schema[name] != COLUMNS[name].dtype and df.schema[name] != pl.Null
+    ]
+    if wrong:
+        raise ManifestError(f"{source} has wrong column types: {'; '.join(wrong)}")
+    bad_status = df.filter(~pl.col("status").is_in(STATUSES))["status"].unique().to_list()
+    if bad_status:
+        raise ManifestError(f"{source} has unknown status value(s) {bad_status}; expected {', '.join(STATUSES)}")
+    if df["path"].null_count() or df["path"].is_duplicated().any():
+        raise ManifestError(f"{source} has null or repeated paths; every file must be exactly one row")
+    return df
+
+
+def write_atomic(df: pl.DataFrame, path: Path, metadata: dict | None = None) -> Path:
+    """Write `df` as Parquet to `path` via a temp file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        kv = {"atelier": json.dumps({"schema_version": SCHEMA_VERSION, **(metadata or {})}, sort_keys=True)}
+        df.write_parquet(tmp, metadata=kv)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(data: dict, path: Path) -> Path:
+    """Write `data` as pretty JSON via a temp file and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    """The atelier metadata stored in a manifest's Parquet footer (schema version, backbone key, ...)."""
+    try:
+        kv = pl.read_parquet_metadata(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from None
+    try:
+        return json.loads(kv.get("atelier", "{}"))
+    except json.JSONDecodeError:
+        raise ManifestError(f"{path} has unreadable atelier metadata; run `curator clean` again") from None
+
+
+def read(path: Path) -> pl.DataFrame:
+    """Read and validate a manifest; a missing file or another schema version is a `ManifestError` saying what to run."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no manifest at {path}; run `curator clean ROOT --out {path.parent}` first")
+    meta = read_metadata(path)
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path} has manifest schema version {version}, this atelier reads version {SCHEMA_VERSION}; "
+            f"run `curator clean` again"
+        )
+    try:
+        df = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from None
+    return validate(df, str(path))

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from classify.cli import app
+from classify.models import describe_backbones
+
+
+def test_default_backbone_is_installed_and_described():
+    rows = {row.name: row for row in describe_backbones(load=True)}
+    lite0 = rows["efficientnet_lite0"]
+    assert lite0.installed and lite0.input_size == "224x224" and lite0.feature_dim == 2304
+
+
+def test_cli_models_lists_offline_backbones():
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    assert "efficientnet_lite0" in result.output and "efficientnet_lite2" in result.output

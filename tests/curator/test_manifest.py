@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from curator import manifest
+from curator.errors import ManifestError
+
+
+def frame(**overrides) -> pl.DataFrame:
+    row = {
+        "id": manifest.row_id("A/x.jpg"), "path": "A/x.jpg", "label": "A", "group": None, "sha256": "ab" * 32,
+        "bytes": 10, "width": 40, "height": 40, "format": "JPEG", "mode": "RGB", "status": "ok", "reason": None,
+        "keep": True,
+    }
+    row.update(overrides)
+    return pl.DataFrame([row], schema=manifest.schema())
+
+
+def test_round_trip_is_atomic_and_validated(tmp_path):
+    path = manifest.write_atomic(frame(), tmp_path / "manifest.parquet", {"backbone_key": "k"})
+    assert manifest.read(tmp_path).equals(frame())
+    assert manifest.read_metadata(path)["backbone_key"] == "k"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.parquet"]  # no temp file left behind
+
+
+def test_missing_column_is_rejected_with_what_to_run():
+    with pytest.raises(ManifestError, match="missing column.*status.*run `curator clean`"):
+        manifest.validate(frame().drop("status"))
+
+
+def test_wrong_type_unknown_column_and_bad_status_are_rejected():
+    with pytest.raises(ManifestError, match="bytes is String"):
+        manifest.validate(frame().with_columns(pl.col("bytes").cast(pl.String)))
+    with pytest.raises(ManifestError, match="unknown column"):
+        manifest.validate(frame().with_columns(pl.lit(1).alias("extra")))
+    with pytest.raises(ManifestError, match="unknown status"):
+        manifest.validate(frame(status="fine"))
+    with pytest.raises(ManifestError, match="repeated paths"):
+        manifest.validate(pl.concat([frame(), frame()]))
+
+
+def test_missing_file_and_other_schema_version(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest"):
+        manifest.read(tmp_path)
+    frame().write_parquet(tmp_path / "manifest.parquet")  # no atelier metadata: an older or foreign file
+    with pytest.raises(ManifestError, match="schema version None"):
+        manifest.read(tmp_path)
