@@ -18,6 +18,7 @@ from curator import manifest
 from curator.backbones import DEFAULT_BACKBONE, load_backbone
 from curator.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_files
 from curator.errors import ManifestError, UsageError
+from curator.hashing import Fingerprint, to_hex
 from curator.images import STATUS_OK, FileInfo, looks_like_image, scan
 from curator.runtime import Runtime, select_runtime
 
@@ -89,10 +90,11 @@ def group_of(name: str, pattern: re.Pattern | None) -> str | None:
     return match.group(1) if pattern.groups else match.group(0)
 
 
-def build_manifest(root: Path, infos: Sequence[FileInfo], group_pattern: re.Pattern | None = None) -> pl.DataFrame:
-    """The stage-1 manifest frame for `infos` (paths under `root`), in the order given."""
+def build_manifest(root: Path, infos: Sequence[FileInfo], fingerprints: Sequence[Fingerprint | None],
+                   group_pattern: re.Pattern | None = None) -> pl.DataFrame:
+    """The stage-1 manifest frame for `infos` and their fingerprints (paths under `root`), in the order given."""
     rows = []
-    for info in infos:
+    for info, prints in zip(infos, fingerprints, strict=True):
         rel = Path(info.path).relative_to(root).as_posix()
         parts = rel.split("/")
         rows.append(
@@ -110,13 +112,18 @@ def build_manifest(root: Path, infos: Sequence[FileInfo], group_pattern: re.Patt
                 "status": info.status,
                 "reason": info.reason,
                 "keep": info.status == STATUS_OK,
+                "pixel_sha256": prints.pixel_sha256 if prints else None,
+                "phash": to_hex(prints.phash) if prints else None,
+                "dhash": to_hex(prints.dhash) if prints else None,
+                "crop_phash": [to_hex(h) for h in prints.crop_phash] if prints else None,
             }
         )
     return manifest.validate(pl.DataFrame(rows, schema=manifest.schema()))
 
 
-def _known_verdicts(root: Path, workspace: Path) -> dict[str, FileInfo]:
-    """Verdicts from the workspace's previous manifest, by content hash, so unchanged files are not decoded again."""
+def _known_verdicts(root: Path, workspace: Path) -> dict[str, tuple[FileInfo, Fingerprint | None]]:
+    """Verdicts and fingerprints from the workspace's previous manifest, by content hash, so that unchanged files
+    are not decoded again."""
     try:
         previous = manifest.read(workspace / manifest.MANIFEST_NAME)
     except ManifestError:
@@ -124,10 +131,15 @@ def _known_verdicts(root: Path, workspace: Path) -> dict[str, FileInfo]:
     known = {}
     for row in previous.filter(pl.col("sha256").is_not_null()).iter_rows(named=True):
         status = row["status"] if row["status"] in ("ok", "corrupt", "ignored") else STATUS_OK
-        known[row["sha256"]] = FileInfo(
+        info = FileInfo(
             root / row["path"], row["sha256"], row["bytes"], row["width"], row["height"], row["format"],
             row["mode"], status, row["reason"] if status != STATUS_OK else None,
         )
+        prints = None
+        if row["phash"] is not None:
+            prints = Fingerprint(row["pixel_sha256"], int(row["phash"], 16), int(row["dhash"], 16),
+                                 tuple(int(h, 16) for h in row["crop_phash"]))
+        known[row["sha256"]] = (info, prints)
     return known
 
 
@@ -164,7 +176,7 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     )
     timings["integrity_and_embeddings"] = report.seconds
     timings["model"] = report.model_seconds
-    frame = build_manifest(root, report.infos, pattern)
+    frame = build_manifest(root, report.infos, report.fingerprints, pattern)
     meta = {"root": str(root), "backbone": backbone.name, "backbone_key": backbone.key,
             "weights": backbone.weights_origin, "feature_layout": backbone.feature_layout}
     path = manifest.write_atomic(frame, workspace / manifest.MANIFEST_NAME, meta)

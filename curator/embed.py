@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from curator.backbones import Backbone, stats_indices
+from curator.hashing import Fingerprint, fingerprint
 from curator.images import FileInfo, decode_bytes, read_image
 from curator.runtime import Runtime
 
@@ -75,6 +76,7 @@ class EmbeddingCache:
         self.dim = dim
         self.path = self.directory / f"{key}.emb"
         self.meta_path = self.directory / f"{key}.json"
+        self.layout = dict(layout or {})
         self.record = np.dtype([("sha", "u1", (32,)), ("vec", "<f2", (dim,))])
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self.meta_path.exists():
@@ -134,6 +136,17 @@ def cache_for(workspace: Path, backbone: Backbone) -> EmbeddingCache:
                           backbone.feature_layout)
 
 
+def open_cache(workspace: Path, key: str) -> EmbeddingCache:
+    """An existing cache in `workspace` by backbone key, with its width and layout read from its metadata."""
+    directory = Path(workspace) / "cache" / "embeddings"
+    meta_path = directory / f"{key}.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no embedding cache for {key} in {directory}; run `curator clean` first")
+    meta = json.loads(meta_path.read_text())
+    layout = {name: tuple(span) for name, span in meta["layout"].items()}
+    return EmbeddingCache(directory, key, int(meta["dim"]), layout)
+
+
 def select_parts(features: np.ndarray, layout: dict[str, tuple[int, int]], parts: Sequence[str]) -> np.ndarray:
     """The columns of `features` that make up the named parts, in order (parts a model lacks are skipped)."""
     chunks = [features[:, layout[p][0]:layout[p][1]] for p in parts if p in layout]
@@ -160,10 +173,13 @@ def forward_features(backbone: Backbone, x: "torch.Tensor") -> "torch.Tensor":  
 
 
 class _DecodeDataset:
-    """Files to (index, FileInfo, uint8 CHW array or None): decode only what the cache and the manifest lack."""
+    """Files to (index, FileInfo, Fingerprint or None, uint8 CHW array or None).
+
+    Decodes only what the cache and the previous manifest (`known`: verdict and fingerprint by sha256) lack.
+    """
 
     def __init__(self, paths: Sequence[Path], preprocess: Preprocess, cached: set[str],
-                 known: dict[str, FileInfo]):
+                 known: dict[str, tuple[FileInfo, Fingerprint | None]]):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.cached = cached
@@ -178,16 +194,19 @@ class _DecodeDataset:
             data = path.read_bytes()
         except OSError:
             decoded = read_image(path)  # turns the read failure into the right row
-            return index, decoded.info, None
+            return index, decoded.info, None, None
         sha = hashlib.sha256(data).hexdigest()
-        prior = self.known.get(sha)
-        if prior is not None and (sha in self.cached or not prior.ok):
-            return index, _with_path(prior, path, len(data)), None
+        prior, prior_print = self.known.get(sha, (None, None))
+        if prior is not None and (not prior.ok or (sha in self.cached and prior_print is not None)):
+            return index, _with_path(prior, path, len(data)), prior_print, None
         decoded = decode_bytes(path, data, self.preprocess.draft_size)
-        if not decoded.info.ok or sha in self.cached:
-            return index, decoded.info, None
+        if not decoded.info.ok:
+            return index, decoded.info, None, None
+        prints = fingerprint(decoded.image)
+        if sha in self.cached:
+            return index, decoded.info, prints, None
         pixels = np.asarray(self.preprocess.pil_steps(decoded.image), dtype=np.uint8)
-        return index, decoded.info, np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        return index, decoded.info, prints, np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def _with_path(info: FileInfo, path: Path, size: int) -> FileInfo:
@@ -197,18 +216,20 @@ def _with_path(info: FileInfo, path: Path, size: int) -> FileInfo:
 def _collate(items):
     import torch
 
-    indices = [i for i, _, _ in items]
-    infos = [info for _, info, _ in items]
-    arrays = [(pos, a) for pos, (_, _, a) in enumerate(items) if a is not None]
+    indices = [item[0] for item in items]
+    infos = [item[1] for item in items]
+    prints = [item[2] for item in items]
+    arrays = [(pos, item[3]) for pos, item in enumerate(items) if item[3] is not None]
     pixels = torch.from_numpy(np.stack([a for _, a in arrays])) if arrays else None
-    return indices, infos, [pos for pos, _ in arrays], pixels
+    return indices, infos, prints, [pos for pos, _ in arrays], pixels
 
 
 @dataclass(frozen=True)
 class EmbedReport:
-    """What the pass did: every file's info in input order, how many embeddings were computed or reused, timings."""
+    """What the pass did: every file's info and fingerprint in input order, embeddings computed or reused, timings."""
 
     infos: list[FileInfo]
+    fingerprints: list[Fingerprint | None]
     computed: int
     reused: int
     seconds: float
@@ -226,11 +247,12 @@ def default_workers() -> int:
 
 def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache, runtime: Runtime, *,
                 batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                known: dict[str, FileInfo] | None = None, progress: ProgressFn | None = None) -> EmbedReport:
-    """Judge every file and make sure every ok image's features are in `cache`.
+                known: dict[str, tuple[FileInfo, Fingerprint | None]] | None = None,
+                progress: ProgressFn | None = None) -> EmbedReport:
+    """Judge and fingerprint every file, and make sure every ok image's features are in `cache`.
 
-    `known` maps sha256 to an earlier verdict (from a previous manifest): such files are hashed but not decoded
-    again when their embedding is cached too.
+    `known` maps sha256 to an earlier verdict and fingerprint (from a previous manifest): such files are hashed but
+    not decoded again when their embedding is cached too.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -250,6 +272,7 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
         persistent_workers=False,
     )
     infos: list[FileInfo | None] = [None] * len(dataset)
+    prints: list[Fingerprint | None] = [None] * len(dataset)
     pending_shas: list[str] = []
     pending_pixels: list[torch.Tensor] = []
     computed = 0
@@ -269,9 +292,10 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
         computed += len(shas)
 
     start = time.perf_counter()
-    for indices, batch_infos, positions, pixels in loader:
-        for index, info in zip(indices, batch_infos):
+    for indices, batch_infos, batch_prints, positions, pixels in loader:
+        for index, info, prints_ in zip(indices, batch_infos, batch_prints):
             infos[index] = info
+            prints[index] = prints_
         new = []
         for row, pos in enumerate(positions):
             sha = batch_infos[pos].sha256
@@ -293,4 +317,4 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
     elapsed = time.perf_counter() - start
     ok = sum(1 for info in infos if info is not None and info.ok)
     reused = ok - computed
-    return EmbedReport([info for info in infos if info is not None], computed, max(reused, 0), elapsed, model_seconds)
+    return EmbedReport(infos, prints, computed, max(reused, 0), elapsed, model_seconds)

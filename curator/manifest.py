@@ -17,7 +17,7 @@ import polars as pl
 
 from curator.errors import ManifestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.parquet"
 STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier")
 
@@ -42,6 +42,10 @@ CORE: dict[str, Column] = {
     "status": Column(pl.String, f"one of {', '.join(STATUSES)}"),
     "reason": Column(pl.String, "why the status is not ok, in a sentence; null when ok"),
     "keep": Column(pl.Boolean, "whether the row goes on to training (status ok)"),
+    "pixel_sha256": Column(pl.String, "sha256 of the decoded RGB pixels: equal for lossless re-encodes; null unless ok"),
+    "phash": Column(pl.String, "64-bit perceptual hash (imagehash pHash), 16 hex digits; null unless ok"),
+    "dhash": Column(pl.String, "64-bit difference hash (imagehash dHash), 16 hex digits; null unless ok"),
+    "crop_phash": Column(pl.List(pl.String), "pHashes of centre crops at curator.hashing.CROP_SCALES; null unless ok"),
 }
 
 # Column groups added by later stages. They are validated for type whenever present.

@@ -1,0 +1,225 @@
+"""The duplicate cascade: exact, perceptual and embedding near-duplicates, merged into clusters with one keeper.
+
+Every function here takes arrays or frames and returns arrays or frames; `find_duplicates` runs the cascade.
+
+Stages and the evidence each needs (defaults measured in bench/dedup.py, see docs/BENCHMARKS.md):
+1. exact: the same file bytes (sha256), or the same decoded pixels in another encoding (pixel sha256).
+2. phash: full-frame pHashes within `phash_radius` bits and dHashes within `dhash_radius` (the second hash cuts
+   the false pairs that flat, dark and monochrome images make); or one image's full-frame pHash within
+   `crop_radius` of a centre-crop pHash of the other (a cropped copy).
+3. embedding: cosine of the L2-normalised embeddings among each image's nearest neighbours, above a threshold
+   relative to the collection's typical nearest-neighbour similarity (so it does not depend on the embedding's
+   scale), and verified by the best crop-aligned pHash distance, so that two different paintings of the same motif
+   by the same artist do not merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from curator.hashing import to_bytes
+
+#: Formats ranked for keeping, least lossy first (the keeper rule's second key).
+FORMAT_RANK = {"PNG": 0, "TIFF": 0, "BMP": 0, "PPM": 0, "WEBP": 1, "JPEG": 2, "GIF": 3}
+FLAT_INDEX_LIMIT = 200_000
+
+PAIR_SCHEMA = {"i": pl.Int64, "j": pl.Int64, "stage": pl.String, "phash_distance": pl.Int32,
+               "cosine": pl.Float32, "detail": pl.String}
+
+
+@dataclass(frozen=True)
+class DuplicateSettings:
+    """Thresholds of the cascade; written into the workspace's settings.json with the run."""
+
+    phash_radius: int = 8
+    dhash_radius: int = 14
+    crop_radius: int = 8
+    embed_neighbours: int = 8
+    embed_relative: float = 0.5
+    verify_radius: int = 22
+    conflicts: str = "drop"
+
+    def __post_init__(self) -> None:
+        if self.conflicts not in ("drop", "majority", "keep"):
+            raise ValueError(f"conflicts must be drop, majority or keep; got {self.conflicts!r}")
+        for name in ("phash_radius", "dhash_radius", "crop_radius", "verify_radius"):
+            value = getattr(self, name)
+            if not 0 <= value <= 64:
+                raise ValueError(f"{name} must be between 0 and 64 bits; got {value!r}")
+        if not 0 < self.embed_relative < 1:
+            raise ValueError(f"embed_relative must be in (0, 1); got {self.embed_relative!r}")
+
+
+def _pairs_frame(i, j, stage: str, phash_distance=None, cosine=None, detail: str | None = None) -> pl.DataFrame:
+    n = len(i)
+    return pl.DataFrame(
+        {
+            "i": np.asarray(i, dtype=np.int64),
+            "j": np.asarray(j, dtype=np.int64),
+            "stage": [stage] * n,
+            "phash_distance": None if phash_distance is None else np.asarray(phash_distance, dtype=np.int32),
+            "cosine": None if cosine is None else np.asarray(cosine, dtype=np.float32),
+            "detail": [detail] * n if not isinstance(detail, list) else detail,
+        },
+        schema=PAIR_SCHEMA,
+    )
+
+
+def empty_pairs() -> pl.DataFrame:
+    return pl.DataFrame(schema=PAIR_SCHEMA)
+
+
+def exact_pairs(keys: list[str | None], stage: str, detail: str) -> pl.DataFrame:
+    """Pairs (first member, other member) of rows sharing a non-null key."""
+    first: dict[str, int] = {}
+    i, j = [], []
+    for row, key in enumerate(keys):
+        if key is None:
+            continue
+        if key in first:
+            i.append(first[key])
+            j.append(row)
+        else:
+            first[key] = row
+    return _pairs_frame(i, j, stage, detail=detail)
+
+
+def radius_pairs(queries: np.ndarray, base: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (query, base) index pairs whose 64-bit hashes are within `radius` bits, with their distances (faiss)."""
+    import faiss
+
+    if len(queries) == 0 or len(base) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(to_bytes(base))
+    # faiss's binary range search keeps distances strictly below the radius
+    lims, dist, ids = index.range_search(to_bytes(queries), radius + 1)
+    q = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(lims).astype(np.int64))
+    return q, ids.astype(np.int64), dist.astype(np.int32)
+
+
+def phash_pairs(phash: np.ndarray, dhash: np.ndarray, crop: np.ndarray, settings: DuplicateSettings) -> pl.DataFrame:
+    """Perceptual near-duplicates: full-frame pHash+dHash matches, and full-frame vs centre-crop pHash matches."""
+    from curator.hashing import hamming
+
+    n = len(phash)
+    q, b, d = radius_pairs(phash, phash, settings.phash_radius)
+    keep = q < b
+    q, b, d = q[keep], b[keep], d[keep]
+    dd = hamming(dhash[q], dhash[b])
+    ok = dd <= settings.dhash_radius
+    frames = [_pairs_frame(q[ok], b[ok], "phash", d[ok],
+                           detail=[f"pHash distance {x}, dHash {y}" for x, y in zip(d[ok], dd[ok])])]
+    if crop.size:
+        scales = crop.shape[1]
+        q, b, d = radius_pairs(phash, crop.reshape(-1), settings.crop_radius)
+        owner = b // scales
+        keep = q != owner
+        q, owner, d = q[keep], owner[keep], d[keep]
+        frames.append(_pairs_frame(np.minimum(q, owner), np.maximum(q, owner), "phash", d,
+                                   detail=[f"crop-aligned pHash distance {x}" for x in d]))
+    pairs = pl.concat(frames)
+    if pairs.is_empty():
+        return pairs
+    return pairs.sort("phash_distance").unique(["i", "j"], keep="first", maintain_order=True).filter(
+        pl.col("i") < n)
+
+
+def best_phash_distance(phash: np.ndarray, crop: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Smallest pHash distance between two images over full frames and each one's centre crops against the other."""
+    from curator.hashing import hamming
+
+    best = hamming(phash[i], phash[j])
+    if crop.size:
+        best = np.minimum(best, hamming(phash[i][:, None], crop[j]).min(axis=1))
+        best = np.minimum(best, hamming(phash[j][:, None], crop[i]).min(axis=1))
+    return best
+
+
+def normalise(embeddings: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def neighbours(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest other rows by cosine: exact (IndexFlatIP) up to 200k rows, HNSW beyond, re-scored exactly."""
+    import faiss
+
+    x = normalise(embeddings)
+    n, dim = x.shape
+    k = min(k + 1, n)
+    if n <= FLAT_INDEX_LIMIT:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(64, 2 * k)
+    index.add(x)
+    sims, ids = index.search(x, k)
+    return sims, ids
+
+
+def embedding_pairs(embeddings: np.ndarray, phash: np.ndarray, crop: np.ndarray,
+                    settings: DuplicateSettings) -> pl.DataFrame:
+    """Embedding near-duplicates among nearest neighbours, relative threshold, verified by crop-aligned pHash."""
+    n = len(embeddings)
+    if n < 2:
+        return empty_pairs()
+    sims, ids = neighbours(embeddings, settings.embed_neighbours)
+    rows = np.repeat(np.arange(n), ids.shape[1])
+    cols, cos = ids.ravel(), sims.ravel()
+    valid = (cols >= 0) & (cols != rows)
+    rows, cols, cos = rows[valid], cols[valid], cos[valid]
+    nearest = np.full(n, -1.0, dtype=np.float32)
+    np.maximum.at(nearest, rows, cos)
+    typical_gap = float(np.median(1.0 - nearest[nearest > -1]))
+    threshold = 1.0 - settings.embed_relative * typical_gap
+    keep = (cos >= threshold) & (rows < cols)
+    # a pair found from both sides appears twice; keep each once
+    rows, cols, cos = rows[keep], cols[keep], cos[keep]
+    both = np.concatenate([rows, cols]), np.concatenate([cols, rows])
+    lo, hi = np.minimum(*both), np.maximum(*both)
+    order = np.lexsort((hi, lo))
+    rows, cols = lo[order], hi[order]
+    cos_full = normalise(embeddings[rows]) * normalise(embeddings[cols])
+    cos = cos_full.sum(axis=1)
+    distinct = np.ones(len(rows), dtype=bool)
+    distinct[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+    rows, cols, cos = rows[distinct], cols[distinct], cos[distinct]
+    dist = best_phash_distance(phash, crop, rows, cols) if len(rows) else np.zeros(0, dtype=np.int64)
+    ok = dist <= settings.verify_radius
+    return _pairs_frame(rows[ok], cols[ok], "embedding", dist[ok], cos[ok],
+                        detail=[f"cosine {c:.3f} (threshold {threshold:.3f}), pHash {d}" for c, d in
+                                zip(cos[ok], dist[ok])])
+
+
+def connected_clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Union-find over pairs: a cluster id per row (the smallest member's index), -1 for rows in no pair."""
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, b in zip(i.tolist(), j.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([find(x) for x in range(n)])
+    sizes = np.bincount(roots, minlength=n)
+    return np.where(sizes[roots] > 1, roots, -1)
+
+
+def keeper_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows sorted best-first by the keeper rule: most pixels, then least lossy format, then most bytes, then path."""
+    return frame.with_columns(
+        (pl.col("width").cast(pl.Int64) * pl.col("height").cast(pl.Int64)).alias("_pixels"),
+        pl.col("format").replace_strict(FORMAT_RANK, default=4, return_dtype=pl.Int32).alias("_format_rank"),
+    ).sort(["_pixels", "_format_rank", "bytes", "path"], descending=[True, False, True, False]).drop(
+        "_pixels", "_format_rank")

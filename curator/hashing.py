@@ -1,0 +1,83 @@
+"""Content fingerprints of a decoded image: exact pixels, perceptual hashes, and crop-aligned perceptual hashes.
+
+pHash (imagehash's 64-bit DCT hash) keeps byte copies, re-encodes, resizes and mild colour jitter within a few bits
+of the original, but a copy cropped by 5-10% a side lands 10-28 bits away, as far as distinct paintings. So each
+image also gets the pHash of its own centre crops at `CROP_SCALES`: a cropped copy's full-frame hash is close to
+one of its original's crop hashes ("crop-aligned re-hash"). dHash (gradient signs) is a second, independent hash
+that flat, dark or monochrome images rarely share by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+#: Centre-crop scales (fraction of each side kept) whose pHashes are stored for crop-tolerant matching.
+CROP_SCALES = (0.95, 0.9, 0.85, 0.8)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Hashes of one decoded image. Perceptual hashes are 64-bit unsigned integers."""
+
+    pixel_sha256: str
+    phash: int
+    dhash: int
+    crop_phash: tuple[int, ...]
+
+
+def _bits_to_int(bits: np.ndarray) -> int:
+    return int.from_bytes(np.packbits(bits.astype(np.uint8).ravel()).tobytes(), "big")
+
+
+def phash(image: Image.Image) -> int:
+    return _bits_to_int(imagehash.phash(image).hash)
+
+
+def dhash(image: Image.Image) -> int:
+    return _bits_to_int(imagehash.dhash(image).hash)
+
+
+def centre_crop(image: Image.Image, scale: float) -> Image.Image:
+    width, height = image.size
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    left, top = (width - w) // 2, (height - h) // 2
+    return image.crop((left, top, left + w, top + h))
+
+
+def fingerprint(image: Image.Image) -> Fingerprint:
+    """All hashes of an RGB image, as decoded by `curator.images` (upright, alpha on white)."""
+    pixels = np.asarray(image)
+    digest = hashlib.sha256()
+    digest.update(f"{pixels.shape}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return Fingerprint(
+        pixel_sha256=digest.hexdigest(),
+        phash=phash(image),
+        dhash=dhash(image),
+        crop_phash=tuple(phash(centre_crop(image, s)) for s in CROP_SCALES),
+    )
+
+
+def to_hex(value: int) -> str:
+    return f"{value:016x}"
+
+
+def from_hex(values) -> np.ndarray:
+    """Hex strings to a uint64 array."""
+    return np.array([int(v, 16) for v in values], dtype=np.uint64)
+
+
+def to_bytes(hashes: np.ndarray) -> np.ndarray:
+    """uint64 hashes to the (n, 8) uint8 rows faiss binary indexes take (big-endian, bit order kept)."""
+    return np.ascontiguousarray(hashes.astype(">u8")).view(np.uint8).reshape(-1, 8)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bitwise distance between uint64 arrays (broadcasting)."""
+    return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))).astype(
+        np.int64)

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from curator.duplicates import (
+    DuplicateSettings, connected_clusters, embedding_pairs, exact_pairs, keeper_order, phash_pairs, radius_pairs,
+)
+from curator.hashing import hamming
+
+
+def test_radius_search_equals_brute_force_on_random_hashes():
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, size=1000, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 1000, np.uint64)
+    # plant pairs at known small distances
+    for k in range(50):
+        flip = np.uint64(0)
+        for bit in rng.choice(64, size=k % 7, replace=False):
+            flip |= np.uint64(1) << np.uint64(bit)
+        hashes[500 + k] = hashes[k] ^ flip
+    q, b, d = radius_pairs(hashes, hashes, 6)
+    found = {(int(x), int(y)) for x, y in zip(q, b) if x < y}
+    brute = hamming(hashes[:, None], hashes[None, :])
+    expected = {(int(x), int(y)) for x, y in zip(*np.nonzero(brute <= 6)) if x < y}
+    assert found == expected
+    assert {(k, 500 + k) for k in range(50)} <= found
+    assert (d == brute[q, b]).all()
+
+
+def test_exact_pairs_link_every_repeat_to_the_first():
+    pairs = exact_pairs(["a", None, "b", "a", "a", None], "exact", "same bytes")
+    assert pairs.select("i", "j").rows() == [(0, 3), (0, 4)]
+
+
+def test_phash_pairs_need_both_hashes_and_find_crops():
+    far_high, far_low, x, y = 0xFFFFFFFF00000000, 0x00000000FFFFFFFF, 0xFFFF00000000, 0xAAAAAAAAAAAAAAAA
+    phash = np.array([0, 0, x, y], dtype=np.uint64)
+    dhash = np.array([0, 0xFFFFFFFF, 7, 0], dtype=np.uint64)  # rows 0 and 1 share a pHash but not a dHash
+    crop = np.array([[far_high] * 2, [far_high] * 2, [y ^ 1, y ^ 3], [far_low] * 2], dtype=np.uint64)
+    pairs = phash_pairs(phash, dhash, crop, DuplicateSettings(phash_radius=4, dhash_radius=4, crop_radius=2))
+    assert pairs.select("i", "j").rows() == [(2, 3)]  # row 3's full frame is 1 bit from a centre crop of row 2
+    assert pairs["detail"].item() == "crop-aligned pHash distance 1"
+    assert pairs["phash_distance"].item() == 1
+
+
+def test_embedding_pairs_use_a_relative_threshold_and_verify_by_hash():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(40, 16))
+    emb = np.vstack([base, base[:3] + rng.normal(scale=0.01, size=(3, 16))])
+    phash = rng.integers(0, 2**63, size=43, dtype=np.uint64)
+    phash[40:] = phash[:3]
+    phash[42] ^= np.uint64(0xFFFFFFFF)  # the third copy looks nothing alike: verification rejects it
+    crop = np.zeros((43, 0), dtype=np.uint64)
+    pairs = embedding_pairs(emb * 7.5, phash, crop, DuplicateSettings(verify_radius=10))
+    assert set(pairs.select("i", "j").rows()) == {(0, 40), (1, 41)}
+    # the same pairs whatever the embedding's scale
+    assert set(embedding_pairs(emb, phash, crop, DuplicateSettings(verify_radius=10)).select("i", "j").rows()) == {
+        (0, 40), (1, 41)}
+
+
+def test_union_find_clusters():
+    clusters = connected_clusters(6, np.array([0, 3, 4]), np.array([3, 4, 1]))
+    assert clusters.tolist() == [0, 0, -1, 0, 0, -1]
+
+
+def test_keeper_rule_prefers_pixels_then_lossless_then_bytes_then_path():
+    frame = pl.DataFrame({
+        "path": ["a.jpg", "b.png", "c.jpg", "d.jpg"],
+        "width": [100, 200, 200, 200], "height": [100, 200, 200, 200],
+        "format": ["JPEG", "PNG", "JPEG", "JPEG"], "bytes": [999, 10, 50, 60],
+    })
+    assert keeper_order(frame)["path"].to_list() == ["b.png", "d.jpg", "c.jpg", "a.jpg"]
