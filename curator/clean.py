@@ -16,7 +16,8 @@ import polars as pl
 
 from curator import manifest
 from curator.backbones import DEFAULT_BACKBONE, load_backbone
-from curator.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_files
+from curator.duplicates import DuplicateSettings, find_duplicates
+from curator.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_files, embedding_matrix
 from curator.errors import ManifestError, UsageError
 from curator.hashing import Fingerprint, to_hex
 from curator.images import STATUS_OK, FileInfo, looks_like_image, scan
@@ -54,6 +55,7 @@ class CleanSettings:
     dtype: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int | None = None
+    duplicates: DuplicateSettings = field(default_factory=DuplicateSettings)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class CleanResult:
     runtime: Runtime
     backbone_key: str
     timings: dict[str, float] = field(default_factory=dict)
+    pairs: pl.DataFrame | None = None
 
     def counts(self) -> dict[str, int]:
         return dict(self.manifest.group_by("status").len().iter_rows())
@@ -177,12 +180,19 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     timings["integrity_and_embeddings"] = report.seconds
     timings["model"] = report.model_seconds
     frame = build_manifest(root, report.infos, report.fingerprints, pattern)
+    t0 = time.perf_counter()
+    ok_shas = frame.filter(pl.col("status") == STATUS_OK)["sha256"].to_list()
+    embeddings = embedding_matrix(cache.get(ok_shas), backbone.feature_layout) if ok_shas else None
+    frame, pairs = find_duplicates(frame, embeddings, settings.duplicates)
+    frame = manifest.validate(frame)
+    timings["duplicates"] = time.perf_counter() - t0
     meta = {"root": str(root), "backbone": backbone.name, "backbone_key": backbone.key,
             "weights": backbone.weights_origin, "feature_layout": backbone.feature_layout}
     path = manifest.write_atomic(frame, workspace / manifest.MANIFEST_NAME, meta)
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
+    resolved["duplicates"] = asdict(settings.duplicates)
     resolved.update(root=str(root), workspace=str(workspace), device_resolved=runtime.device,
                     dtype_resolved=runtime.dtype, dtype_reason=runtime.reason, backbone_key=backbone.key,
                     weights_origin=backbone.weights_origin)
     manifest.write_json_atomic(resolved, workspace / "settings.json")
-    return CleanResult(frame, path, report, runtime, backbone.key, timings)
+    return CleanResult(frame, path, report, runtime, backbone.key, timings, pairs)

@@ -14,7 +14,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from curator.errors import AtelierError
+from curator.errors import AtelierError, UsageError
 
 app = typer.Typer(
     name="curator",
@@ -87,15 +87,34 @@ def clean(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
     workers: Annotated[Optional[int], typer.Option(
         min=0, help="Decode worker processes (default: cores - 1, at least 1).")] = None,
+    conflicts: Annotated[str, typer.Option(
+        help="Duplicate clusters whose members carry different labels: drop (keep none), majority (keep the "
+             "majority label's best copy) or keep (ignore labels).")] = "drop",
+    phash_radius: Annotated[int, typer.Option(help="Near-duplicate: full-frame pHash distance at most this.")] = 8,
+    dhash_radius: Annotated[int, typer.Option(help="... and dHash distance at most this.")] = 14,
+    crop_radius: Annotated[int, typer.Option(
+        help="Cropped copy: full-frame pHash within this of a centre-crop pHash of the other.")] = 8,
+    embed_relative: Annotated[float, typer.Option(
+        help="Embedding near-duplicate: 1 - cosine below this fraction of the median nearest-neighbour gap.")] = 0.5,
+    verify_radius: Annotated[int, typer.Option(
+        help="Embedding pairs are kept only if their best crop-aligned pHash distance is at most this.")] = 22,
 ) -> None:
     """Scan ROOT, check every file, embed every usable image once (cached), and write the manifest."""
     from curator.clean import CleanSettings
+    from curator.duplicates import DuplicateSettings
     from curator.clean import clean as run_clean
     from curator.runtime import configure_allocator
 
     configure_allocator()
+    try:
+        duplicates = DuplicateSettings(phash_radius=phash_radius, dhash_radius=dhash_radius, crop_radius=crop_radius,
+                                       embed_relative=embed_relative, verify_radius=verify_radius,
+                                       conflicts=conflicts)
+    except ValueError as exc:
+        raise fail(UsageError(str(exc))) from None
     settings = CleanSettings(root=root, workspace=out, group_pattern=group_pattern, backbone=backbone,
-                             weights=weights, device=device, dtype=dtype, batch_size=batch_size, workers=workers)
+                             weights=weights, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
+                             duplicates=duplicates)
     try:
         with progress_bar() as bar:
             result = run_clean(settings, RichProgress(bar))
@@ -108,7 +127,7 @@ def print_clean_summary(result) -> None:
     df = result.manifest
     table = Table(title="curator clean", show_footer=False)
     table.add_column("class")
-    statuses = ["ok", "corrupt", "ignored"]
+    statuses = ["ok", "corrupt", "ignored", "duplicate", "conflict"]
     for status in ["files", *statuses]:
         table.add_column(status, justify="right")
     per = df.group_by("label").agg(
@@ -124,6 +143,13 @@ def print_clean_summary(result) -> None:
         f"embeddings: {e.computed} computed, {e.reused} reused from cache "
         f"({e.images_per_second:.1f} images/s; {result.runtime.device}, {result.runtime.dtype})"
     )
+    for stage in ("exact", "phash", "embedding"):
+        flagged = df.filter(pl.col(f"is_{stage}_issue"))
+        console.print(f"{stage:>9}: {len(flagged)} images in {flagged[f'{stage}_group'].n_unique()} groups")
+    clusters = df.filter(pl.col("cluster").is_not_null())
+    console.print(f" clusters: {clusters['cluster'].n_unique()} with {len(clusters)} images; "
+                  f"{int((df['status'] == 'duplicate').sum())} set aside as duplicates, "
+                  f"{int((df['status'] == 'conflict').sum())} as label conflicts")
     console.print(f"manifest: [bold]{result.manifest_path}[/]")
 
 

@@ -223,3 +223,122 @@ def keeper_order(frame: pl.DataFrame) -> pl.DataFrame:
         pl.col("format").replace_strict(FORMAT_RANK, default=4, return_dtype=pl.Int32).alias("_format_rank"),
     ).sort(["_pixels", "_format_rank", "bytes", "path"], descending=[True, False, True, False]).drop(
         "_pixels", "_format_rank")
+
+
+def _stage_columns(n: int, pairs: pl.DataFrame, stage: str, score: np.ndarray) -> dict[str, np.ndarray]:
+    groups = connected_clusters(n, pairs["i"].to_numpy(), pairs["j"].to_numpy())
+    return {f"is_{stage}_issue": groups >= 0, f"{stage}_score": score.astype(np.float32),
+            f"{stage}_group": groups}
+
+
+def _best_per_row(n: int, pairs: pl.DataFrame, column: str, worst: float, higher_is_closer: bool) -> np.ndarray:
+    best = np.full(n, worst, dtype=np.float64)
+    if pairs.is_empty():
+        return best
+    values = pairs[column].fill_null(worst).to_numpy().astype(np.float64)
+    for idx in (pairs["i"].to_numpy(), pairs["j"].to_numpy()):
+        (np.maximum if higher_is_closer else np.minimum).at(best, idx, values)
+    return best
+
+
+def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
+                    settings: DuplicateSettings = DuplicateSettings()) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Run the cascade over a manifest frame (fingerprint columns filled for ok rows) and the ok rows' embeddings
+    (in the frame's order of ok rows, or None to skip stage 3).
+
+    Returns the frame with the duplicate columns and updated status/keep/reason, and every reported pair
+    (`i`, `j` as row indices of `frame`, the stage and its evidence).
+    """
+    from curator.hashing import from_hex
+
+    ok_rows = np.flatnonzero(frame["status"].to_numpy() == "ok")
+    ok = frame[ok_rows]
+    n = len(frame)
+    m = len(ok)
+    pairs = [exact_pairs(ok["sha256"].to_list(), "exact", "identical bytes"),
+             exact_pairs(ok["pixel_sha256"].to_list(), "exact", "identical pixels, other encoding")]
+    exact = pl.concat(pairs).unique(["i", "j"], keep="first", maintain_order=True)
+    phash = from_hex(ok["phash"].to_list())
+    dhash = from_hex(ok["dhash"].to_list())
+    crop = np.array([[int(h, 16) for h in hs] for hs in ok["crop_phash"].to_list()], dtype=np.uint64).reshape(m, -1)
+    near = phash_pairs(phash, dhash, crop, settings) if m else empty_pairs()
+    embedded = (embedding_pairs(embeddings, phash, crop, settings) if embeddings is not None and m
+                else empty_pairs())
+    columns = {
+        **_stage_columns(m, exact, "exact", np.where(connected_clusters(m, exact["i"].to_numpy(),
+                                                                         exact["j"].to_numpy()) >= 0, 0.0, 1.0)),
+        **_stage_columns(m, near, "phash", _best_per_row(m, near, "phash_distance", 64.0, False) / 64.0),
+        **_stage_columns(m, embedded, "embedding",
+                         1.0 - np.clip(_best_per_row(m, embedded, "cosine", 0.0, True), 0.0, 1.0)),
+    }
+    all_pairs = pl.concat([exact, near, embedded])
+    cluster = connected_clusters(m, all_pairs["i"].to_numpy(), all_pairs["j"].to_numpy())
+
+    # map ok-row indices back to frame rows; group ids become frame row indices
+    def spread(values: np.ndarray, fill, convert) -> list:
+        full = [fill] * n
+        for row, value in zip(ok_rows.tolist(), values.tolist()):
+            full[row] = convert(value)
+        return full
+
+    def as_group(value: int):
+        return int(ok_rows[value]) if value >= 0 else None
+
+    out = {}
+    for name, values in columns.items():
+        if name.startswith("is_"):
+            out[name] = spread(values, False, bool)
+        elif name.endswith("_group"):
+            out[name] = spread(values, None, as_group)
+        else:
+            out[name] = spread(values, None, float)
+    cluster_full = spread(cluster, None, as_group)
+
+    status = frame["status"].to_list()
+    reason = frame["reason"].to_list()
+    keep = frame["keep"].to_list()
+    duplicate_of: list[str | None] = [None] * n
+    global_pairs = all_pairs.with_columns(pl.Series("i", ok_rows[all_pairs["i"].to_numpy()]),
+                                          pl.Series("j", ok_rows[all_pairs["j"].to_numpy()]))
+    evidence: dict[tuple[int, int], str] = {}
+    for row in global_pairs.iter_rows(named=True):
+        evidence.setdefault((row["i"], row["j"]), f"{row['stage']}: {row['detail']}")
+    with_cluster = frame.with_row_index("_row").with_columns(pl.Series("_cluster", cluster_full, dtype=pl.Int64))
+    for members in with_cluster.filter(pl.col("_cluster").is_not_null()).partition_by("_cluster"):
+        ranked = keeper_order(members)
+        labels = sorted({x for x in ranked["label"].to_list() if x is not None})
+        rows = ranked["_row"].to_list()
+        keeper = rows[0]
+        if len(labels) > 1 and settings.conflicts != "keep":
+            counts = ranked.group_by("label").len().sort(["len", "label"], descending=[True, False])
+            top = counts.rows()
+            majority = top[0][0] if settings.conflicts == "majority" and (len(top) < 2 or top[0][1] > top[1][1]) \
+                else None
+            for r, label in zip(rows, ranked["label"].to_list()):
+                if majority is not None and label == majority:
+                    continue
+                status[r], keep[r] = "conflict", False
+                reason[r] = (f"the same image is filed under {' and '.join(labels)}"
+                             + (f"; majority label is {majority}" if majority else "; no member kept"))
+            if majority is None:
+                continue
+            keeper = next(r for r, label in zip(rows, ranked["label"].to_list()) if label == majority)
+            rows = [r for r, label in zip(rows, ranked["label"].to_list()) if label == majority]
+        keeper_path = frame["path"][keeper]
+        for r in rows:
+            if r == keeper:
+                continue
+            status[r], keep[r] = "duplicate", False
+            duplicate_of[r] = keeper_path
+            proof = evidence.get((min(r, keeper), max(r, keeper)))
+            reason[r] = f"duplicate of {keeper_path}" + (f" ({proof})" if proof else " (same cluster)")
+    result = frame.with_columns(
+        pl.Series("status", status, dtype=pl.String),
+        pl.Series("reason", reason, dtype=pl.String),
+        pl.Series("keep", keep, dtype=pl.Boolean),
+        pl.Series("cluster", cluster_full, dtype=pl.Int32),
+        pl.Series("duplicate_of", duplicate_of, dtype=pl.String),
+        *[pl.Series(name, values, dtype=pl.Boolean if name.startswith("is_") else
+                    pl.Int32 if name.endswith("_group") else pl.Float32) for name, values in out.items()],
+    )
+    return result, global_pairs

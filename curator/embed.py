@@ -155,6 +155,21 @@ def select_parts(features: np.ndarray, layout: dict[str, tuple[int, int]], parts
     return np.concatenate(chunks, axis=1)
 
 
+def embedding_matrix(features: np.ndarray, layout: dict[str, tuple[int, int]],
+                     parts: Sequence[str] = EMBEDDING_PARTS) -> np.ndarray:
+    """The embedding used for similarity: each part L2-normalised on its own (so no part dominates by scale),
+    concatenated, and normalised again."""
+    chunks = []
+    for part in parts:
+        if part in layout:
+            x = features[:, layout[part][0]:layout[part][1]]
+            chunks.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    if not chunks:
+        raise ValueError(f"none of the parts {list(parts)} exist; layout has {list(layout)}")
+    joined = np.concatenate(chunks, axis=1)
+    return (joined / np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def forward_features(backbone: Backbone, x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
     """The full feature vector (all layout parts, float32) for a normalised batch."""
     import torch

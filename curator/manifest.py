@@ -49,7 +49,20 @@ CORE: dict[str, Column] = {
 }
 
 # Column groups added by later stages. They are validated for type whenever present.
-OPTIONAL: dict[str, Column] = {}
+OPTIONAL: dict[str, Column] = {
+    # curator.duplicates: one group per stage (exact, phash, embedding); scores in [0, 1], lower is worse
+    "is_exact_issue": Column(pl.Boolean, "same bytes or same decoded pixels as another ok row"),
+    "exact_score": Column(pl.Float32, "0 when the row has an exact copy, else 1"),
+    "exact_group": Column(pl.Int32, "row index of the first member of the row's exact-copy group; null if none"),
+    "is_phash_issue": Column(pl.Boolean, "a perceptual near-duplicate (pHash+dHash, or crop-aligned pHash)"),
+    "phash_score": Column(pl.Float32, "smallest pHash distance to a paired row / 64; 1 when unpaired"),
+    "phash_group": Column(pl.Int32, "row index of the first member of the row's perceptual group; null if none"),
+    "is_embedding_issue": Column(pl.Boolean, "an embedding near-duplicate, verified by crop-aligned pHash"),
+    "embedding_score": Column(pl.Float32, "1 - highest cosine to a paired row; 1 when unpaired"),
+    "embedding_group": Column(pl.Int32, "row index of the first member of the row's embedding group; null if none"),
+    "cluster": Column(pl.Int32, "row index of the first member of the union of all duplicate pairs; null if alone"),
+    "duplicate_of": Column(pl.String, "path of the cluster's keeper, for rows that are not kept as duplicates"),
+}
 
 COLUMNS: dict[str, Column] = {**CORE, **OPTIONAL}
 

@@ -4,7 +4,8 @@ import numpy as np
 import polars as pl
 
 from curator.duplicates import (
-    DuplicateSettings, connected_clusters, embedding_pairs, exact_pairs, keeper_order, phash_pairs, radius_pairs,
+    DuplicateSettings, connected_clusters, embedding_pairs, exact_pairs, find_duplicates, keeper_order, phash_pairs,
+    radius_pairs,
 )
 from curator.hashing import hamming
 
@@ -70,3 +71,37 @@ def test_keeper_rule_prefers_pixels_then_lossless_then_bytes_then_path():
         "format": ["JPEG", "PNG", "JPEG", "JPEG"], "bytes": [999, 10, 50, 60],
     })
     assert keeper_order(frame)["path"].to_list() == ["b.png", "d.jpg", "c.jpg", "a.jpg"]
+
+
+def manifest_frame(rows: list[dict]) -> pl.DataFrame:
+    from curator import manifest
+
+    base = {"id": "0", "group": None, "bytes": 1, "width": 100, "height": 100, "format": "JPEG", "mode": "RGB",
+            "status": "ok", "reason": None, "keep": True, "dhash": "0000000000000000",
+            "crop_phash": ["ffffffffffffffff"]}
+    full = []
+    for k, row in enumerate(rows):
+        merged = {**base, "id": str(k), "sha256": f"{k:064x}", "pixel_sha256": f"{k:064x}", **row}
+        full.append(merged)
+    return pl.DataFrame(full, schema=manifest.schema())
+
+
+def test_conflict_modes():
+    rows = [
+        {"path": "Baroque/a.jpg", "label": "Baroque", "phash": "0000000000000000", "width": 300, "height": 300},
+        {"path": "Rococo/a.jpg", "label": "Rococo", "phash": "0000000000000001"},
+        {"path": "Rococo/b.jpg", "label": "Rococo", "phash": "0000000000000003"},
+        {"path": "Rococo/c.jpg", "label": "Rococo", "phash": "ff00ff00ff00ff00"},
+    ]
+    frame = manifest_frame(rows)
+    dropped, pairs = find_duplicates(frame, None, DuplicateSettings(conflicts="drop"))
+    assert dropped["status"].to_list() == ["conflict", "conflict", "conflict", "ok"]
+    assert "filed under Baroque and Rococo" in dropped["reason"][0]
+    majority, _ = find_duplicates(frame, None, DuplicateSettings(conflicts="majority"))
+    assert majority["status"].to_list() == ["conflict", "ok", "duplicate", "ok"]
+    assert majority["duplicate_of"][2] == "Rococo/a.jpg"
+    kept, _ = find_duplicates(frame, None, DuplicateSettings(conflicts="keep"))
+    assert kept["status"].to_list() == ["ok", "duplicate", "duplicate", "ok"]  # the larger Baroque file is kept
+    assert kept["cluster"].to_list() == [0, 0, 0, None]
+    assert kept["is_phash_issue"].to_list() == [True, True, True, False]
+    assert set(pairs.select("i", "j").rows()) == {(0, 1), (0, 2), (1, 2)}
