@@ -83,7 +83,8 @@ def clean(
         help="Weights for --backbone: a .safetensors file or a torch state dict (never unpickled).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(
-        help="auto (bf16 only where the hardware has it), fp32 or bf16.")] = "auto",
+        help="auto (fp32 on CPU, fp16 autocast on CUDA), fp32, bf16 (CUDA, or a CPU with native bf16) or fp16 "
+             "(CUDA).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
     workers: Annotated[Optional[int], typer.Option(
         min=0, help="Decode worker processes (default: cores - 1, at least 1).")] = None,

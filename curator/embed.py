@@ -300,7 +300,7 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
         t0 = time.perf_counter()
         x = pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.autocast):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=runtime.torch_dtype, enabled=runtime.autocast):
             feats = forward_features(backbone, x)
         cache.append(shas, feats.float().cpu().numpy())
         model_seconds += time.perf_counter() - t0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import imagehash
 import numpy as np
+import scipy.fftpack
 from PIL import Image
 
 #: Centre-crop scales (fraction of each side kept) whose pHashes are stored for crop-tolerant matching.
@@ -35,7 +36,11 @@ def _bits_to_int(bits: np.ndarray) -> int:
 
 
 def phash(image: Image.Image) -> int:
-    return _bits_to_int(imagehash.phash(image).hash)
+    """imagehash's pHash (8x8 low frequencies of the DCT of a 32x32 grayscale copy), bit for bit."""
+    gray = image if image.mode == "L" else image.convert("L")
+    pixels = np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:8, :8]
+    return _bits_to_int(low > np.median(low))
 
 
 def dhash(image: Image.Image) -> int:
@@ -55,11 +60,12 @@ def fingerprint(image: Image.Image) -> Fingerprint:
     digest = hashlib.sha256()
     digest.update(f"{pixels.shape}".encode())
     digest.update(np.ascontiguousarray(pixels).tobytes())
+    gray = image.convert("L")
     return Fingerprint(
         pixel_sha256=digest.hexdigest(),
-        phash=phash(image),
-        dhash=dhash(image),
-        crop_phash=tuple(phash(centre_crop(image, s)) for s in CROP_SCALES),
+        phash=phash(gray),
+        dhash=dhash(gray),
+        crop_phash=tuple(phash(centre_crop(gray, s)) for s in CROP_SCALES),
     )
 
 

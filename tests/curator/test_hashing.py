@@ -53,3 +53,13 @@ def test_pixel_hash_equal_for_lossless_resave_and_hex_round_trip():
     assert fingerprint(reencode(original, 95)).pixel_sha256 != fingerprint(original).pixel_sha256
     value = fingerprint(original).phash
     assert from_hex([to_hex(value)])[0] == np.uint64(value)
+
+
+def test_our_phash_is_imagehash_phash_bit_for_bit():
+    import imagehash
+
+    for path in sample_paintings(6):
+        image = load(path)
+        expected = int(str(imagehash.phash(image)), 16)
+        assert fingerprint(image).phash == expected
+        assert fingerprint(image).crop_phash[1] == int(str(imagehash.phash(centre_crop(image, CROP_SCALES[1]))), 16)
