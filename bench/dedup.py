@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--threshold", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = OUT / "raw"
     if args.role:
@@ -161,7 +162,7 @@ def main() -> None:
             result = run_ours(root, OUT / "ws")
         else:
             result = run_imagededup(root, args.role, args.threshold)
-        (OUT / f"result-{args.role}-{args.threshold}.json").write_text(json.dumps(result))
+        args.result.write_text(json.dumps(result))
         return
 
     from curator.planting import KINDS, plant_tree
@@ -179,14 +180,15 @@ def main() -> None:
             ("imagededup CNN lite0 >=0.85", "cnn", 0.85), ("imagededup CNN lite0 >=0.90", "cnn", 0.90)]
     reports = []
     for name, role, threshold in runs:
-        cmd = [sys.executable, __file__, "--role", role, "--data", str(args.data)]
+        result_path = OUT / f"result-{role}-{threshold}.json"
+        cmd = [sys.executable, __file__, "--role", role, "--data", str(args.data), "--result", str(result_path)]
         if threshold is not None:
             cmd += ["--threshold", str(threshold)]
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
             continue
-        result = json.loads((OUT / f"result-{role}-{threshold}.json").read_text())
+        result = json.loads(result_path.read_text())
         report = evaluate(name, result, truth, nodes)
         reports.append(report)
         sheet = OUT / f"original-pairs-{role}-{threshold}.png"

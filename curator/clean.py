@@ -119,6 +119,7 @@ def build_manifest(root: Path, infos: Sequence[FileInfo], fingerprints: Sequence
                 "phash": to_hex(prints.phash) if prints else None,
                 "dhash": to_hex(prints.dhash) if prints else None,
                 "crop_phash": [to_hex(h) for h in prints.crop_phash] if prints else None,
+                "colour": prints.colour.hex() if prints else None,
             }
         )
     return manifest.validate(pl.DataFrame(rows, schema=manifest.schema()))
@@ -141,7 +142,7 @@ def _known_verdicts(root: Path, workspace: Path) -> dict[str, tuple[FileInfo, Fi
         prints = None
         if row["phash"] is not None:
             prints = Fingerprint(row["pixel_sha256"], int(row["phash"], 16), int(row["dhash"], 16),
-                                 tuple(int(h, 16) for h in row["crop_phash"]))
+                                 tuple(int(h, 16) for h in row["crop_phash"]), bytes.fromhex(row["colour"]))
         known[row["sha256"]] = (info, prints)
     return known
 

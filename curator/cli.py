@@ -14,6 +14,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from curator.duplicates import DuplicateSettings
 from curator.errors import AtelierError, UsageError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+DUP = DuplicateSettings()
 err_console = Console(stderr=True)
 
 
@@ -91,26 +93,34 @@ def clean(
     conflicts: Annotated[str, typer.Option(
         help="Duplicate clusters whose members carry different labels: drop (keep none), majority (keep the "
              "majority label's best copy) or keep (ignore labels).")] = "drop",
-    phash_radius: Annotated[int, typer.Option(help="Near-duplicate: full-frame pHash distance at most this.")] = 8,
-    dhash_radius: Annotated[int, typer.Option(help="... and dHash distance at most this.")] = 14,
+    phash_radius: Annotated[int, typer.Option(
+        help="Near-duplicate: full-frame pHash distance at most this...")] = DUP.phash_radius,
+    dhash_radius: Annotated[int, typer.Option(help="... and dHash distance at most this.")] = DUP.dhash_radius,
     crop_radius: Annotated[int, typer.Option(
-        help="Cropped copy: full-frame pHash within this of a centre-crop pHash of the other.")] = 8,
+        help="Cropped copy: full-frame pHash within this of a centre-crop pHash of the other.")] = DUP.crop_radius,
+    hash_gap_factor: Annotated[float, typer.Option(
+        help="Hash pairs also need embedding cosine >= 1 - this x the median nearest-neighbour gap.")
+    ] = DUP.hash_gap_factor,
     embed_relative: Annotated[float, typer.Option(
-        help="Embedding near-duplicate: 1 - cosine below this fraction of the median nearest-neighbour gap.")] = 0.5,
+        help="Embedding near-duplicate: 1 - cosine below this fraction of the median nearest-neighbour gap.")
+    ] = DUP.embed_relative,
     verify_radius: Annotated[int, typer.Option(
-        help="Embedding pairs are kept only if their best crop-aligned pHash distance is at most this.")] = 22,
+        help="Embedding pairs are kept only if their best crop-aligned pHash distance is at most this.")
+    ] = DUP.verify_radius,
+    colour_min: Annotated[float, typer.Option(
+        help="Near-duplicates need colour signatures with at least this cosine (grey images always agree).")
+    ] = DUP.colour_min,
 ) -> None:
     """Scan ROOT, check every file, embed every usable image once (cached), and write the manifest."""
     from curator.clean import CleanSettings
-    from curator.duplicates import DuplicateSettings
     from curator.clean import clean as run_clean
     from curator.runtime import configure_allocator
 
     configure_allocator()
     try:
         duplicates = DuplicateSettings(phash_radius=phash_radius, dhash_radius=dhash_radius, crop_radius=crop_radius,
-                                       embed_relative=embed_relative, verify_radius=verify_radius,
-                                       conflicts=conflicts)
+                                       hash_gap_factor=hash_gap_factor, embed_relative=embed_relative,
+                                       verify_radius=verify_radius, colour_min=colour_min, conflicts=conflicts)
     except ValueError as exc:
         raise fail(UsageError(str(exc))) from None
     settings = CleanSettings(root=root, workspace=out, group_pattern=group_pattern, backbone=backbone,

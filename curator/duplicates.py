@@ -11,6 +11,10 @@ Stages and the evidence each needs (defaults measured in bench/dedup.py, see doc
    relative to the collection's typical nearest-neighbour similarity (so it does not depend on the embedding's
    scale), and verified by the best crop-aligned pHash distance, so that two different paintings of the same motif
    by the same artist do not merge.
+Every stage-2 and stage-3 pair must also pass two independent checks: its colour signatures agree (series painted
+in one composition and several colours share grey-level hashes), and, for stage 2, its embedding cosine is at least
+as high as a typical nearest neighbour's (1 - `hash_gap_factor` x the median nearest-neighbour gap), which rejects
+hash collisions between paintings that look nothing alike.
 """
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ class DuplicateSettings:
     phash_radius: int = 8
     dhash_radius: int = 14
     crop_radius: int = 8
+    hash_gap_factor: float = 1.2
     embed_neighbours: int = 8
     embed_relative: float = 0.5
-    verify_radius: int = 22
+    verify_radius: int = 16
+    colour_min: float = 0.6
+    grey_norm: float = 8.0
     conflicts: str = "drop"
 
     def __post_init__(self) -> None:
@@ -51,6 +58,10 @@ class DuplicateSettings:
                 raise ValueError(f"{name} must be between 0 and 64 bits; got {value!r}")
         if not 0 < self.embed_relative < 1:
             raise ValueError(f"embed_relative must be in (0, 1); got {self.embed_relative!r}")
+        if not self.hash_gap_factor > 0:
+            raise ValueError(f"hash_gap_factor must be positive; got {self.hash_gap_factor!r}")
+        if not -1 <= self.colour_min <= 1:
+            raise ValueError(f"colour_min must be a cosine in [-1, 1]; got {self.colour_min!r}")
 
 
 def _pairs_frame(i, j, stage: str, phash_distance=None, cosine=None, detail: str | None = None) -> pl.DataFrame:
@@ -161,38 +172,77 @@ def neighbours(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return sims, ids
 
 
-def embedding_pairs(embeddings: np.ndarray, phash: np.ndarray, crop: np.ndarray,
+@dataclass(frozen=True)
+class Similarity:
+    """Unit embeddings, each row's nearest neighbours, and the collection's median nearest-neighbour gap."""
+
+    unit: np.ndarray
+    sims: np.ndarray
+    ids: np.ndarray
+    gap: float
+
+    def cosine(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return (self.unit[i] * self.unit[j]).sum(axis=1)
+
+
+def similarity(embeddings: np.ndarray, k: int, linked: pl.DataFrame | None = None) -> Similarity:
+    """Nearest neighbours of every row, and the median of 1 - cosine to the nearest other row that is not `linked`
+    to it (pairs already found by hashes), so that a collection full of copies does not make its own copies look
+    typical."""
+    unit = normalise(embeddings)
+    sims, ids = neighbours(unit, k)
+    n = len(unit)
+    excluded = ids == np.arange(n)[:, None]
+    if linked is not None and not linked.is_empty():
+        pairs = set(zip(linked["i"].to_list(), linked["j"].to_list()))
+        rows = np.repeat(np.arange(n), ids.shape[1]).tolist()
+        flat = [(min(r, c), max(r, c)) in pairs for r, c in zip(rows, ids.ravel().tolist())]
+        excluded |= np.array(flat, dtype=bool).reshape(ids.shape)
+    nearest = np.where(excluded | (ids < 0), -np.inf, sims).max(axis=1)
+    finite = nearest[np.isfinite(nearest)]
+    gap = float(np.median(1.0 - finite)) if len(finite) else 1.0
+    return Similarity(unit, sims, ids, gap)
+
+
+def verify_pairs(pairs: pl.DataFrame, colour: np.ndarray, sim: Similarity | None, min_cosine: float | None,
+                 settings: DuplicateSettings) -> pl.DataFrame:
+    """Keep the pairs whose colours agree and (when embeddings are given) whose cosine is at least `min_cosine`."""
+    from curator.hashing import colour_agreement
+
+    if pairs.is_empty():
+        return pairs
+    i, j = pairs["i"].to_numpy(), pairs["j"].to_numpy()
+    ok = colour_agreement(colour[i], colour[j], settings.grey_norm) >= settings.colour_min
+    if sim is not None:
+        cosine = sim.cosine(i, j)
+        if min_cosine is not None:
+            ok &= cosine >= min_cosine
+        pairs = pairs.with_columns(pl.Series("cosine", cosine, dtype=pl.Float32))
+    return pairs.filter(pl.Series(ok))
+
+
+def embedding_pairs(sim: Similarity, phash: np.ndarray, crop: np.ndarray, colour: np.ndarray,
                     settings: DuplicateSettings) -> pl.DataFrame:
-    """Embedding near-duplicates among nearest neighbours, relative threshold, verified by crop-aligned pHash."""
-    n = len(embeddings)
+    """Embedding near-duplicates among nearest neighbours above the relative threshold, verified by crop-aligned
+    pHash and colour."""
+    n = len(sim.unit)
     if n < 2:
         return empty_pairs()
-    sims, ids = neighbours(embeddings, settings.embed_neighbours)
-    rows = np.repeat(np.arange(n), ids.shape[1])
-    cols, cos = ids.ravel(), sims.ravel()
-    valid = (cols >= 0) & (cols != rows)
-    rows, cols, cos = rows[valid], cols[valid], cos[valid]
-    nearest = np.full(n, -1.0, dtype=np.float32)
-    np.maximum.at(nearest, rows, cos)
-    typical_gap = float(np.median(1.0 - nearest[nearest > -1]))
-    threshold = 1.0 - settings.embed_relative * typical_gap
-    keep = (cos >= threshold) & (rows < cols)
-    # a pair found from both sides appears twice; keep each once
-    rows, cols, cos = rows[keep], cols[keep], cos[keep]
-    both = np.concatenate([rows, cols]), np.concatenate([cols, rows])
-    lo, hi = np.minimum(*both), np.maximum(*both)
-    order = np.lexsort((hi, lo))
-    rows, cols = lo[order], hi[order]
-    cos_full = normalise(embeddings[rows]) * normalise(embeddings[cols])
-    cos = cos_full.sum(axis=1)
-    distinct = np.ones(len(rows), dtype=bool)
-    distinct[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
-    rows, cols, cos = rows[distinct], cols[distinct], cos[distinct]
+    threshold = 1.0 - settings.embed_relative * sim.gap
+    rows = np.repeat(np.arange(n), sim.ids.shape[1])
+    cols, cos = sim.ids.ravel(), sim.sims.ravel()
+    keep = (cols >= 0) & (cols != rows) & (cos >= threshold)
+    lo, hi = np.minimum(rows[keep], cols[keep]), np.maximum(rows[keep], cols[keep])
+    unique = np.unique(np.stack([lo, hi], axis=1), axis=0) if len(lo) else np.zeros((0, 2), dtype=np.int64)
+    rows, cols = unique[:, 0], unique[:, 1]
     dist = best_phash_distance(phash, crop, rows, cols) if len(rows) else np.zeros(0, dtype=np.int64)
     ok = dist <= settings.verify_radius
-    return _pairs_frame(rows[ok], cols[ok], "embedding", dist[ok], cos[ok],
-                        detail=[f"cosine {c:.3f} (threshold {threshold:.3f}), pHash {d}" for c, d in
-                                zip(cos[ok], dist[ok])])
+    rows, cols, dist = rows[ok], cols[ok], dist[ok]
+    cos = sim.cosine(rows, cols)
+    pairs = _pairs_frame(rows, cols, "embedding", dist, cos,
+                         detail=[f"cosine {c:.3f} (threshold {threshold:.3f}), best pHash distance {d}"
+                                 for c, d in zip(cos, dist)])
+    return verify_pairs(pairs, colour, None, None, settings)
 
 
 def connected_clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -249,7 +299,7 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
     Returns the frame with the duplicate columns and updated status/keep/reason, and every reported pair
     (`i`, `j` as row indices of `frame`, the stage and its evidence).
     """
-    from curator.hashing import from_hex
+    from curator.hashing import colour_vectors, from_hex
 
     ok_rows = np.flatnonzero(frame["status"].to_numpy() == "ok")
     ok = frame[ok_rows]
@@ -261,9 +311,12 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
     phash = from_hex(ok["phash"].to_list())
     dhash = from_hex(ok["dhash"].to_list())
     crop = np.array([[int(h, 16) for h in hs] for hs in ok["crop_phash"].to_list()], dtype=np.uint64).reshape(m, -1)
+    colour = colour_vectors(ok["colour"].to_list())
     near = phash_pairs(phash, dhash, crop, settings) if m else empty_pairs()
-    embedded = (embedding_pairs(embeddings, phash, crop, settings) if embeddings is not None and m
-                else empty_pairs())
+    sim = (similarity(embeddings, settings.embed_neighbours, pl.concat([exact, near]).select("i", "j"))
+           if embeddings is not None and m > 1 else None)
+    near = verify_pairs(near, colour, sim, 1.0 - settings.hash_gap_factor * sim.gap if sim else None, settings)
+    embedded = embedding_pairs(sim, phash, crop, colour, settings) if sim is not None else empty_pairs()
     columns = {
         **_stage_columns(m, exact, "exact", np.where(connected_clusters(m, exact["i"].to_numpy(),
                                                                          exact["j"].to_numpy()) >= 0, 0.0, 1.0)),

@@ -5,6 +5,10 @@ of the original, but a copy cropped by 5-10% a side lands 10-28 bits away, as fa
 image also gets the pHash of its own centre crops at `CROP_SCALES`: a cropped copy's full-frame hash is close to
 one of its original's crop hashes ("crop-aligned re-hash"). dHash (gradient signs) is a second, independent hash
 that flat, dark or monochrome images rarely share by accident.
+
+Both hashes see only grey levels, so series painted in one composition and several colours (Yves Klein's
+monochromes, screen-print variants) collide. `colour` is a 4x4 grid of opponent-colour chroma, compared by cosine,
+which is blind to brightness and saturation changes but not to a change of hue.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class Fingerprint:
     phash: int
     dhash: int
     crop_phash: tuple[int, ...]
+    colour: bytes  # 32 signed bytes: opponent chroma (R-G, R+G-2B) over a 4x4 grid, halved
+
 
 
 def _bits_to_int(bits: np.ndarray) -> int:
@@ -54,6 +60,27 @@ def centre_crop(image: Image.Image, scale: float) -> Image.Image:
     return image.crop((left, top, left + w, top + h))
 
 
+def colour_signature(image: Image.Image) -> bytes:
+    """Opponent-colour chroma of a 4x4 grid (brightness removed), as 32 signed bytes."""
+    grid = np.asarray(image.convert("RGB").resize((4, 4), Image.Resampling.BOX), dtype=np.float64)
+    red, green, blue = grid[..., 0], grid[..., 1], grid[..., 2]
+    chroma = np.concatenate([((red - green) / np.sqrt(2)).ravel(), ((red + green - 2 * blue) / np.sqrt(6)).ravel()])
+    return np.clip(np.round(chroma / 2), -127, 127).astype(np.int8).tobytes()
+
+
+def colour_vectors(signatures) -> np.ndarray:
+    """Hex colour signatures (as stored in the manifest) to an (n, 32) float array."""
+    return np.stack([np.frombuffer(bytes.fromhex(s), dtype=np.int8) for s in signatures]).astype(np.float64) \
+        if len(signatures) else np.zeros((0, 32))
+
+
+def colour_agreement(a: np.ndarray, b: np.ndarray, grey_norm: float) -> np.ndarray:
+    """Cosine of chroma rows; 1 where either side is close to grey (a grey copy of a colour image agrees)."""
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cosine = (a * b).sum(axis=1) / np.maximum(na * nb, 1e-9)
+    return np.where(np.minimum(na, nb) < grey_norm, 1.0, cosine)
+
+
 def fingerprint(image: Image.Image) -> Fingerprint:
     """All hashes of an RGB image, as decoded by `curator.images` (upright, alpha on white)."""
     pixels = np.asarray(image)
@@ -66,6 +93,7 @@ def fingerprint(image: Image.Image) -> Fingerprint:
         phash=phash(gray),
         dhash=dhash(gray),
         crop_phash=tuple(phash(centre_crop(gray, s)) for s in CROP_SCALES),
+        colour=colour_signature(image),
     )
 
 

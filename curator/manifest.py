@@ -17,7 +17,7 @@ import polars as pl
 
 from curator.errors import ManifestError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.parquet"
 STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier")
 
@@ -46,6 +46,7 @@ CORE: dict[str, Column] = {
     "phash": Column(pl.String, "64-bit perceptual hash (imagehash pHash), 16 hex digits; null unless ok"),
     "dhash": Column(pl.String, "64-bit difference hash (imagehash dHash), 16 hex digits; null unless ok"),
     "crop_phash": Column(pl.List(pl.String), "pHashes of centre crops at curator.hashing.CROP_SCALES; null unless ok"),
+    "colour": Column(pl.String, "4x4 opponent-chroma signature (curator.hashing.colour_signature), hex; null unless ok"),
 }
 
 # Column groups added by later stages. They are validated for type whenever present.

@@ -5,7 +5,7 @@ import polars as pl
 
 from curator.duplicates import (
     DuplicateSettings, connected_clusters, embedding_pairs, exact_pairs, find_duplicates, keeper_order, phash_pairs,
-    radius_pairs,
+    radius_pairs, similarity,
 )
 from curator.hashing import hamming
 
@@ -52,11 +52,17 @@ def test_embedding_pairs_use_a_relative_threshold_and_verify_by_hash():
     phash[40:] = phash[:3]
     phash[42] ^= np.uint64(0xFFFFFFFF)  # the third copy looks nothing alike: verification rejects it
     crop = np.zeros((43, 0), dtype=np.uint64)
-    pairs = embedding_pairs(emb * 7.5, phash, crop, DuplicateSettings(verify_radius=10))
+    colour = np.zeros((43, 32))
+    settings = DuplicateSettings(verify_radius=10)
+    pairs = embedding_pairs(similarity(emb * 7.5, 8), phash, crop, colour, settings)
     assert set(pairs.select("i", "j").rows()) == {(0, 40), (1, 41)}
     # the same pairs whatever the embedding's scale
-    assert set(embedding_pairs(emb, phash, crop, DuplicateSettings(verify_radius=10)).select("i", "j").rows()) == {
+    assert set(embedding_pairs(similarity(emb, 8), phash, crop, colour, settings).select("i", "j").rows()) == {
         (0, 40), (1, 41)}
+    # ... and none when the colours disagree
+    colour[40, 0], colour[0, 0] = 50.0, -50.0
+    assert set(embedding_pairs(similarity(emb, 8), phash, crop, colour, settings).select("i", "j").rows()) == {
+        (1, 41)}
 
 
 def test_union_find_clusters():
@@ -78,7 +84,7 @@ def manifest_frame(rows: list[dict]) -> pl.DataFrame:
 
     base = {"id": "0", "group": None, "bytes": 1, "width": 100, "height": 100, "format": "JPEG", "mode": "RGB",
             "status": "ok", "reason": None, "keep": True, "dhash": "0000000000000000",
-            "crop_phash": ["ffffffffffffffff"]}
+            "crop_phash": ["ffffffffffffffff"], "colour": "00" * 32}
     full = []
     for k, row in enumerate(rows):
         merged = {**base, "id": str(k), "sha256": f"{k:064x}", "pixel_sha256": f"{k:064x}", **row}

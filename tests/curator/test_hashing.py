@@ -63,3 +63,22 @@ def test_our_phash_is_imagehash_phash_bit_for_bit():
         expected = int(str(imagehash.phash(image)), 16)
         assert fingerprint(image).phash == expected
         assert fingerprint(image).crop_phash[1] == int(str(imagehash.phash(centre_crop(image, CROP_SCALES[1]))), 16)
+
+
+def test_colour_signature_separates_hue_variants_but_not_grey_or_jittered_copies():
+    from curator.hashing import colour_agreement, colour_vectors
+
+    original = load(sample_paintings(3)[2])
+    r, g, b = original.split()
+    swapped = Image.merge("RGB", (b, r, g))  # the same composition in other colours
+    variants = {
+        "grey": original.convert("L").convert("RGB"),
+        "jitter": ImageEnhance.Color(ImageEnhance.Brightness(original).enhance(0.87)).enhance(1.14),
+        "swapped": swapped,
+    }
+    sig = colour_vectors([fingerprint(original).colour.hex()])
+    agreement = {k: colour_agreement(sig, colour_vectors([fingerprint(v).colour.hex()]), 8.0)[0]
+                 for k, v in variants.items()}
+    assert agreement["grey"] == 1.0
+    assert agreement["jitter"] > 0.95
+    assert agreement["swapped"] < 0.6

@@ -12,7 +12,7 @@ def frame(**overrides) -> pl.DataFrame:
         "id": manifest.row_id("A/x.jpg"), "path": "A/x.jpg", "label": "A", "group": None, "sha256": "ab" * 32,
         "bytes": 10, "width": 40, "height": 40, "format": "JPEG", "mode": "RGB", "status": "ok", "reason": None,
         "keep": True, "pixel_sha256": "cd" * 32, "phash": "00ff00ff00ff00ff", "dhash": "0f0f0f0f0f0f0f0f",
-        "crop_phash": ["00ff00ff00ff00fe", "00ff00ff00ff00fc"],
+        "crop_phash": ["00ff00ff00ff00fe", "00ff00ff00ff00fc"], "colour": "00" * 32,
     }
     row.update(overrides)
     return pl.DataFrame([row], schema=manifest.schema())
