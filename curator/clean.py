@@ -184,7 +184,8 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     t0 = time.perf_counter()
     ok_shas = frame.filter(pl.col("status") == STATUS_OK)["sha256"].to_list()
     embeddings = embedding_matrix(cache.get(ok_shas), backbone.feature_layout) if ok_shas else None
-    frame, pairs = find_duplicates(frame, embeddings, settings.duplicates)
+    progress.start("duplicates (exact, phash, embedding)", 3)
+    frame, pairs = find_duplicates(frame, embeddings, settings.duplicates, progress.advance)
     frame = manifest.validate(frame)
     timings["duplicates"] = time.perf_counter() - t0
     meta = {"root": str(root), "backbone": backbone.name, "backbone_key": backbone.key,

@@ -150,10 +150,9 @@ def print_clean_summary(result) -> None:
     table.add_row("[bold]total", *[f"[bold]{t}" for t in totals])
     console.print(table)
     e = result.embed
-    console.print(
-        f"embeddings: {e.computed} computed, {e.reused} reused from cache "
-        f"({e.images_per_second:.1f} images/s; {result.runtime.device}, {result.runtime.dtype})"
-    )
+    rate = f"{e.images_per_second:.1f} images/s; " if e.computed else ""
+    console.print(f"embeddings: {e.computed} computed, {e.reused} reused from cache "
+                  f"({rate}{result.runtime.device}, {result.runtime.dtype})")
     for stage in ("exact", "phash", "embedding"):
         flagged = df.filter(pl.col(f"is_{stage}_issue"))
         console.print(f"{stage:>9}: {len(flagged)} images in {flagged[f'{stage}_group'].n_unique()} groups")

@@ -20,6 +20,7 @@ hash collisions between paintings that look nothing alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -292,13 +293,15 @@ def _best_per_row(n: int, pairs: pl.DataFrame, column: str, worst: float, higher
 
 
 def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
-                    settings: DuplicateSettings = DuplicateSettings()) -> tuple[pl.DataFrame, pl.DataFrame]:
+                    settings: DuplicateSettings = DuplicateSettings(),
+                    progress: Callable[[int], None] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Run the cascade over a manifest frame (fingerprint columns filled for ok rows) and the ok rows' embeddings
     (in the frame's order of ok rows, or None to skip stage 3).
 
     Returns the frame with the duplicate columns and updated status/keep/reason, and every reported pair
-    (`i`, `j` as row indices of `frame`, the stage and its evidence).
+    (`i`, `j` as row indices of `frame`, the stage and its evidence). `progress` is called once per stage.
     """
+    step = progress or (lambda n: None)
     from curator.hashing import colour_vectors, from_hex
 
     ok_rows = np.flatnonzero(frame["status"].to_numpy() == "ok")
@@ -308,6 +311,7 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
     pairs = [exact_pairs(ok["sha256"].to_list(), "exact", "identical bytes"),
              exact_pairs(ok["pixel_sha256"].to_list(), "exact", "identical pixels, other encoding")]
     exact = pl.concat(pairs).unique(["i", "j"], keep="first", maintain_order=True)
+    step(1)
     phash = from_hex(ok["phash"].to_list())
     dhash = from_hex(ok["dhash"].to_list())
     crop = np.array([[int(h, 16) for h in hs] for hs in ok["crop_phash"].to_list()], dtype=np.uint64).reshape(m, -1)
@@ -316,7 +320,9 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
     sim = (similarity(embeddings, settings.embed_neighbours, pl.concat([exact, near]).select("i", "j"))
            if embeddings is not None and m > 1 else None)
     near = verify_pairs(near, colour, sim, 1.0 - settings.hash_gap_factor * sim.gap if sim else None, settings)
+    step(1)
     embedded = embedding_pairs(sim, phash, crop, colour, settings) if sim is not None else empty_pairs()
+    step(1)
     columns = {
         **_stage_columns(m, exact, "exact", np.where(connected_clusters(m, exact["i"].to_numpy(),
                                                                          exact["j"].to_numpy()) >= 0, 0.0, 1.0)),
@@ -355,7 +361,10 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
                                           pl.Series("j", ok_rows[all_pairs["j"].to_numpy()]))
     evidence: dict[tuple[int, int], str] = {}
     for row in global_pairs.iter_rows(named=True):
-        evidence.setdefault((row["i"], row["j"]), f"{row['stage']}: {row['detail']}")
+        detail = row["detail"]
+        if row["stage"] == "phash" and row["cosine"] is not None:
+            detail += f", cosine {row['cosine']:.3f}"
+        evidence.setdefault((row["i"], row["j"]), f"{row['stage']}: {detail}")
     with_cluster = frame.with_row_index("_row").with_columns(pl.Series("_cluster", cluster_full, dtype=pl.Int64))
     for members in with_cluster.filter(pl.col("_cluster").is_not_null()).partition_by("_cluster"):
         ranked = keeper_order(members)

@@ -121,3 +121,25 @@ def test_help_explains_every_option():
     for option in ("--out", "--group-pattern", "--backbone", "--weights", "--device", "--dtype", "--batch-size",
                    "--workers"):
         assert option in result.output
+
+
+def test_cli_timm_backbone_offline_without_weights_exits_2(small_tree, tmp_path, monkeypatch):
+    import curator.backbones
+
+    monkeypatch.setattr(curator.backbones, "_hub_reachable", lambda timeout=3.0: False)
+    result = runner.invoke(app, ["clean", str(small_tree), "--out", str(tmp_path / "ws"), "--backbone", "resnet18"])
+    assert result.exit_code == 2
+    assert "cannot be reached; pass --weights FILE" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_timm_backbone_with_weights_file(small_tree, tmp_path):
+    from safetensors.torch import save_file
+
+    model = load_backbone("tf_efficientnet_lite0", pretrained=False).model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    out = tmp_path / "ws"
+    result = runner.invoke(app, ["clean", str(small_tree), "--out", str(out), "--backbone", "tf_efficientnet_lite0",
+                                 "--weights", str(tmp_path / "w.safetensors"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert manifest.read_metadata(out / "manifest.parquet")["weights"].startswith("file:w.safetensors")
