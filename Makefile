@@ -14,11 +14,13 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/classify models --load
-	$(VENV)/bin/curator clean data/sample --out $(WORKSPACE) --group-pattern '^([^_]+)_'
+	$(VENV)/bin/curator clean data/sample --out $(WORKSPACE) --group-pattern '^([^_]+)_' --export demo/clean-set
 	@echo
 	@echo "Reports:"
-	@echo "  manifest: $(WORKSPACE)/manifest.parquet"
-	@echo "  settings: $(WORKSPACE)/settings.json"
+	@echo "  report:    $(WORKSPACE)/report.html"
+	@echo "  manifest:  $(WORKSPACE)/manifest.parquet"
+	@echo "  settings:  $(WORKSPACE)/settings.json"
+	@echo "  clean set: demo/clean-set/"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

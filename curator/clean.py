@@ -21,6 +21,7 @@ from curator.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_file
 from curator.errors import ManifestError, UsageError
 from curator.hashing import Fingerprint, to_hex
 from curator.images import STATUS_OK, FileInfo, looks_like_image, scan
+from curator.report import write_report
 from curator.runtime import Runtime, select_runtime
 
 DEFAULT_WORKSPACE = Path("curated")
@@ -69,6 +70,8 @@ class CleanResult:
     backbone_key: str
     timings: dict[str, float] = field(default_factory=dict)
     pairs: pl.DataFrame | None = None
+    report_path: Path | None = None
+    root: Path | None = None
 
     def counts(self) -> dict[str, int]:
         return dict(self.manifest.group_by("status").len().iter_rows())
@@ -191,10 +194,13 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     meta = {"root": str(root), "backbone": backbone.name, "backbone_key": backbone.key,
             "weights": backbone.weights_origin, "feature_layout": backbone.feature_layout}
     path = manifest.write_atomic(frame, workspace / manifest.MANIFEST_NAME, meta)
+    t0 = time.perf_counter()
+    report_path = write_report(frame, root, workspace)
+    timings["report"] = time.perf_counter() - t0
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     resolved["duplicates"] = asdict(settings.duplicates)
     resolved.update(root=str(root), workspace=str(workspace), device_resolved=runtime.device,
                     dtype_resolved=runtime.dtype, dtype_reason=runtime.reason, backbone_key=backbone.key,
                     weights_origin=backbone.weights_origin)
     manifest.write_json_atomic(resolved, workspace / "settings.json")
-    return CleanResult(frame, path, report, runtime, backbone.key, timings, pairs)
+    return CleanResult(frame, path, report, runtime, backbone.key, timings, pairs, report_path, root)

@@ -110,10 +110,14 @@ def clean(
     colour_min: Annotated[float, typer.Option(
         help="Near-duplicates need colour signatures with at least this cosine (grey images always agree).")
     ] = DUP.colour_min,
+    export: Annotated[Optional[Path], typer.Option(
+        help="Also place the kept images in this folder as a class-folder tree (hard links where possible, "
+             "copies otherwise; never overwriting other files), with their manifest.")] = None,
 ) -> None:
     """Scan ROOT, check every file, embed every usable image once (cached), and write the manifest."""
     from curator.clean import CleanSettings
     from curator.clean import clean as run_clean
+    from curator.export import check_destination, export_kept
     from curator.runtime import configure_allocator
 
     configure_allocator()
@@ -127,11 +131,17 @@ def clean(
                              weights=weights, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
                              duplicates=duplicates)
     try:
+        if export is not None:
+            check_destination(root, export)
         with progress_bar() as bar:
             result = run_clean(settings, RichProgress(bar))
+        exported = export_kept(result.manifest, result.root, export) if export is not None else None
     except AtelierError as exc:
         raise fail(exc) from None
     print_clean_summary(result)
+    if exported is not None:
+        console.print(f"export: {exported.files} kept images in [bold]{exported.destination}[/] ({exported.linked} "
+                      f"hard-linked, {exported.copied} copied, {exported.already_there} already there)")
 
 
 def print_clean_summary(result) -> None:
@@ -161,6 +171,7 @@ def print_clean_summary(result) -> None:
                   f"{int((df['status'] == 'duplicate').sum())} set aside as duplicates, "
                   f"{int((df['status'] == 'conflict').sum())} as label conflicts")
     console.print(f"manifest: [bold]{result.manifest_path}[/]")
+    console.print(f"report:   [bold]{result.report_path}[/]")
 
 
 def main() -> None:
