@@ -17,12 +17,13 @@ import importlib
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 from curator.errors import UsageError
+from curator.hashing import file_sha256
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -66,7 +67,7 @@ class Backbone:
     """A loaded model in eval mode, with the facts every consumer needs: preprocessing, feature layout, provenance."""
 
     name: str
-    model: "torch.nn.Module"  # noqa: F821
+    model: torch.nn.Module  # noqa: F821
     data_config: dict
     weights_origin: str
     feature_layout: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -96,19 +97,11 @@ def available() -> list[str]:
     return list(REGISTRY)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _strip_batches_tracked(state: dict) -> list:
     return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
 
 
-def map_state_in_order(source: dict, model: "torch.nn.Module") -> dict:  # noqa: F821
+def map_state_in_order(source: dict, model: torch.nn.Module) -> dict:  # noqa: F821
     """Rename `source`'s tensors to `model`'s names by position; raises if count or any shape differs."""
     src = _strip_batches_tracked(source)
     dst = _strip_batches_tracked(model.state_dict())
@@ -213,7 +206,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, 
         model = timm.create_model(arch, pretrained=False)
         path = Path(weights)
         state = read_state_dict(path)
-        origin = f"file:{path.name}:sha256={_file_sha256(path)[:16]}"
+        origin = f"file:{path.name}:sha256={file_sha256(path)[:16]}"
         _load_weights_into(model, state, origin)
     elif not pretrained:
         model = timm.create_model(arch, pretrained=False)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import polars as pl
 import typer
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -76,19 +82,19 @@ def clean(
     root: Annotated[Path, typer.Argument(help="Folder of images, one subfolder per class (label).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Workspace for the manifest, caches and reports.")] = Path(
         "curated"),
-    group_pattern: Annotated[Optional[str], typer.Option(
+    group_pattern: Annotated[str | None, typer.Option(
         help="Regex on the file name whose first group is the row's group (e.g. artist: '^([^_]+)_'). "
              "Groups never span two splits.")] = None,
     backbone: Annotated[str, typer.Option(
         help="Embedding model: an offline one (efficientnet_lite0, default) or any timm name.")] = "efficientnet_lite0",
-    weights: Annotated[Optional[Path], typer.Option(
+    weights: Annotated[Path | None, typer.Option(
         help="Weights for --backbone: a .safetensors file or a torch state dict (never unpickled).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(
         help="auto (fp32 on CPU, fp16 autocast on CUDA), fp32, bf16 (CUDA, or a CPU with native bf16) or fp16 "
              "(CUDA).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
-    workers: Annotated[Optional[int], typer.Option(
+    workers: Annotated[int | None, typer.Option(
         min=0, help="Decode worker processes (default: cores - 1, at least 1).")] = None,
     conflicts: Annotated[str, typer.Option(
         help="Duplicate clusters whose members carry different labels: drop (keep none), majority (keep the "
@@ -110,7 +116,7 @@ def clean(
     colour_min: Annotated[float, typer.Option(
         help="Near-duplicates need colour signatures with at least this cosine (grey images always agree).")
     ] = DUP.colour_min,
-    export: Annotated[Optional[Path], typer.Option(
+    export: Annotated[Path | None, typer.Option(
         help="Also place the kept images in this folder as a class-folder tree (hard links where possible, "
              "copies otherwise; never overwriting other files), with their manifest.")] = None,
 ) -> None:

@@ -18,9 +18,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -170,7 +170,7 @@ def embedding_matrix(features: np.ndarray, layout: dict[str, tuple[int, int]],
     return (joined / np.maximum(np.linalg.norm(joined, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def forward_features(backbone: Backbone, x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+def forward_features(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:  # noqa: F821
     """The full feature vector (all layout parts, float32) for a normalised batch."""
     import torch
 
@@ -277,7 +277,7 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
     workers = default_workers() if workers is None else workers
     preprocess = preprocess_for(backbone.data_config)
     device = torch.device(runtime.device)
-    model = backbone.model.to(device).to(memory_format=torch.channels_last)
+    backbone.model.to(device).to(memory_format=torch.channels_last)  # in place: modules move themselves
     mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
     dataset = _DecodeDataset(paths, preprocess, cache.shas(), known or {})

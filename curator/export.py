@@ -7,7 +7,6 @@ copied otherwise. An existing file is never overwritten: the same content is ski
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import polars as pl
 
 from curator import manifest
 from curator.errors import AtelierError
+from curator.hashing import file_sha256
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,6 @@ class ExportReport:
     @property
     def files(self) -> int:
         return self.linked + self.copied + self.already_there
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_destination(root: Path, destination: Path) -> None:
@@ -58,7 +50,7 @@ def export_kept(frame: pl.DataFrame, root: Path, destination: Path) -> ExportRep
     for rel, sha in kept.select("path", "sha256").iter_rows():
         source, target = root / rel, destination / rel
         if target.exists():
-            if _sha256(target) != sha:
+            if file_sha256(target) != sha:
                 raise AtelierError(f"{target} already exists with other content; export into an empty folder")
             present += 1
             continue

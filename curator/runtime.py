@@ -75,7 +75,7 @@ class Runtime:
         return self.dtype != "float32"
 
     @property
-    def torch_dtype(self) -> "torch.dtype":  # noqa: F821
+    def torch_dtype(self) -> torch.dtype:  # noqa: F821
         import torch
 
         return getattr(torch, self.dtype)

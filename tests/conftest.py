@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import zlib
@@ -69,7 +68,7 @@ def write_odd_tree(root: Path) -> dict[str, tuple[str, str | None]]:
     painting = Image.open(src[0]).convert("RGB")
     (root / "Baroque").mkdir(parents=True)
     (root / "Rococo").mkdir(parents=True)
-    w = lambda name: root / name  # noqa: E731
+    w = lambda name: root / name
     w("Baroque/good.jpg").write_bytes(src[1].read_bytes())
     painting.convert("CMYK").save(w("Baroque/cmyk.jpg"), quality=90)
     painting.convert("L").save(w("Baroque/gray.png"))

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from curator import manifest
 from curator.backbones import load_backbone
-from curator.cli import app
 from curator.clean import CleanSettings, clean
+from curator.cli import app
 from curator.embed import EMBEDDING_PARTS, cache_for, select_parts
 from tests.conftest import sample_paintings, tree_checksums
 

@@ -4,8 +4,15 @@ import numpy as np
 import polars as pl
 
 from curator.duplicates import (
-    DuplicateSettings, connected_clusters, embedding_pairs, exact_pairs, find_duplicates, keeper_order, phash_pairs,
-    radius_pairs, similarity,
+    DuplicateSettings,
+    connected_clusters,
+    embedding_pairs,
+    exact_pairs,
+    find_duplicates,
+    keeper_order,
+    phash_pairs,
+    radius_pairs,
+    similarity,
 )
 from curator.hashing import hamming
 

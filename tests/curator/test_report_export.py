@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from curator import manifest
-from curator.cli import app
 from curator.clean import CleanSettings, clean
+from curator.cli import app
 from curator.errors import AtelierError
 from curator.export import export_kept
 from tests.conftest import tree_checksums
