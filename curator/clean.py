@@ -22,6 +22,7 @@ from curator.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_file
 from curator.errors import ManifestError, UsageError
 from curator.hashing import Fingerprint, to_hex
 from curator.images import STATUS_OK, FileInfo, looks_like_image, scan
+from curator.mislabels import MislabelSettings, apply_mislabels
 from curator.report import write_report
 from curator.runtime import Runtime, select_runtime
 
@@ -58,6 +59,7 @@ class CleanSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int | None = None
     duplicates: DuplicateSettings = field(default_factory=DuplicateSettings)
+    mislabels: MislabelSettings = field(default_factory=MislabelSettings)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class CleanResult:
     pairs: pl.DataFrame | None = None
     report_path: Path | None = None
     root: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return dict(self.manifest.group_by("status").len().iter_rows())
@@ -190,8 +193,15 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     embeddings = embedding_matrix(cache.get(ok_shas), backbone.feature_layout) if ok_shas else None
     progress.start("duplicates (exact, phash, embedding)", 3)
     frame, pairs = find_duplicates(frame, embeddings, settings.duplicates, progress.advance)
-    frame = manifest.validate(frame)
     timings["duplicates"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    progress.start("mislabels (probe + neighbours)", 1)
+    kept_shas = frame.filter(pl.col("keep") & pl.col("label").is_not_null())["sha256"].to_list()
+    kept_embeddings = embedding_matrix(cache.get(kept_shas), backbone.feature_layout) if kept_shas else None
+    frame, warnings = apply_mislabels(frame, kept_embeddings, settings.mislabels)
+    progress.advance(1)
+    frame = manifest.validate(frame)
+    timings["mislabels"] = time.perf_counter() - t0
     meta = {"root": str(root), "backbone": backbone.name, "backbone_key": backbone.key,
             "weights": backbone.weights_origin, "feature_layout": backbone.feature_layout}
     path = manifest.write_atomic(frame, workspace / manifest.MANIFEST_NAME, meta)
@@ -200,8 +210,9 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     timings["report"] = time.perf_counter() - t0
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     resolved["duplicates"] = asdict(settings.duplicates)
+    resolved["mislabels"] = asdict(settings.mislabels)
     resolved.update(root=str(root), workspace=str(workspace), device_resolved=runtime.device,
                     dtype_resolved=runtime.dtype, dtype_reason=runtime.reason, backbone_key=backbone.key,
                     weights_origin=backbone.weights_origin)
     manifest.write_json_atomic(resolved, workspace / "settings.json")
-    return CleanResult(frame, path, report, runtime, backbone.key, timings, pairs, report_path, root)
+    return CleanResult(frame, path, report, runtime, backbone.key, timings, pairs, report_path, root, warnings)

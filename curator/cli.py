@@ -22,6 +22,7 @@ from rich.text import Text
 
 from curator.duplicates import DuplicateSettings
 from curator.errors import AtelierError, UsageError
+from curator.mislabels import MislabelSettings
 
 app = typer.Typer(
     name="curator",
@@ -116,6 +117,11 @@ def clean(
     colour_min: Annotated[float, typer.Option(
         help="Near-duplicates need colour signatures with at least this cosine (grey images always agree).")
     ] = DUP.colour_min,
+    flag_only: Annotated[bool, typer.Option(
+        "--flag-only", help="Mark likely mislabelled images (status outlier) but keep them for review.")] = False,
+    relabel: Annotated[bool, typer.Option(
+        "--relabel", help="Keep likely mislabelled images under the suggested label where the evidence is strong "
+                          "(mislabel score >= 0.9), recording the original; drop the others.")] = False,
     export: Annotated[Path | None, typer.Option(
         help="Also place the kept images in this folder as a class-folder tree (hard links where possible, "
              "copies otherwise; never overwriting other files), with their manifest.")] = None,
@@ -133,9 +139,12 @@ def clean(
                                        verify_radius=verify_radius, colour_min=colour_min, conflicts=conflicts)
     except ValueError as exc:
         raise fail(UsageError(str(exc))) from None
+    if flag_only and relabel:
+        raise fail(UsageError("--flag-only and --relabel exclude each other; choose one"))
+    mislabels = MislabelSettings(action="flag-only" if flag_only else "relabel" if relabel else "remove")
     settings = CleanSettings(root=root, workspace=out, group_pattern=group_pattern, backbone=backbone,
                              weights=weights, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
-                             duplicates=duplicates)
+                             duplicates=duplicates, mislabels=mislabels)
     try:
         if export is not None:
             check_destination(root, export)
@@ -154,7 +163,7 @@ def print_clean_summary(result) -> None:
     df = result.manifest
     table = Table(title="curator clean", show_footer=False)
     table.add_column("class")
-    statuses = ["ok", "corrupt", "ignored", "duplicate", "conflict"]
+    statuses = ["ok", "corrupt", "ignored", "duplicate", "conflict", "outlier"]
     for status in ["files", *statuses]:
         table.add_column(status, justify="right")
     per = df.group_by("label").agg(
@@ -176,6 +185,12 @@ def print_clean_summary(result) -> None:
     console.print(f" clusters: {clusters['cluster'].n_unique()} with {len(clusters)} images; "
                   f"{int((df['status'] == 'duplicate').sum())} set aside as duplicates, "
                   f"{int((df['status'] == 'conflict').sum())} as label conflicts")
+    flagged = df.filter(pl.col("is_mislabel_issue").fill_null(False))
+    relabelled = int(flagged["original_label"].is_not_null().sum())
+    console.print(f"mislabels: {len(flagged)} flagged ({relabelled} relabelled, "
+                  f"{int((flagged['keep']).sum())} kept for review)")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"manifest: [bold]{result.manifest_path}[/]")
     console.print(f"report:   [bold]{result.report_path}[/]")
 

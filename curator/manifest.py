@@ -63,6 +63,12 @@ OPTIONAL: dict[str, Column] = {
     "embedding_group": Column(pl.Int32, "row index of the first member of the row's embedding group; null if none"),
     "cluster": Column(pl.Int32, "row index of the first member of the union of all duplicate pairs; null if alone"),
     "duplicate_of": Column(pl.String, "path of the cluster's keeper, for rows that are not kept as duplicates"),
+    # curator.mislabels
+    "mislabel_score": Column(pl.Float32, "probability that the label is wrong (0..1, higher is worse); null unless "
+                                         "the row was kept and labelled when scored"),
+    "suggested_label": Column(pl.String, "the class the evidence favours most after the given one"),
+    "is_mislabel_issue": Column(pl.Boolean, "flagged as mislabelled (status outlier, or relabelled)"),
+    "original_label": Column(pl.String, "the label before --relabel changed it; null otherwise"),
 }
 
 COLUMNS: dict[str, Column] = {**CORE, **OPTIONAL}
