@@ -4,10 +4,11 @@
     .venv/bin/curator clean ../shared/data/wikiart-dev --out bench/out/wikiart-dev --group-pattern '^([^_]+)_'
     .venv/bin/python bench/mislabels.py [--workspace bench/out/wikiart-dev] [--seeds 3]
 
-Takes the kept rows of a cleaned workspace (duplicates and label conflicts already removed), swaps a fraction of
+Takes the rows of a cleaned workspace that survive duplicates and label conflicts (stage 6's own verdicts are
+ignored), swaps a fraction of
 the labels to a different class at random, and scores:
 - ours: `curator.mislabels.score_mislabels` (grouped out-of-fold probe + kNN without same-artist neighbours,
-  noise-model posteriors, expected-F1 cut);
+  count from the empirical null);
 - cleanlab `filter.find_label_issues` fed the same out-of-fold probe probabilities (grouped folds too);
 - cleanlab `Datalab.find_issues` with the same probabilities and the embeddings as features.
 Precision, recall and F1 on the swapped rows, mean over seeds, and seconds. Settings: all 11 styles at 5/10/20%
@@ -57,7 +58,8 @@ def main() -> None:
     from curator.embed import embedding_matrix, open_cache
     from curator.mislabels import MislabelSettings, score_mislabels
 
-    df = manifest.read(args.workspace).filter(pl.col("keep"))
+    # the rows that survive duplicates and conflicts, before stage 6 removes any (ok or outlier)
+    df = manifest.read(args.workspace).filter(pl.col("status").is_in(["ok", "outlier"]))
     meta = manifest.read_metadata(args.workspace / manifest.MANIFEST_NAME)
     cache = open_cache(args.workspace, meta["backbone_key"])
     x_all = embedding_matrix(cache.get(df["sha256"].to_list()), cache.layout)

@@ -1,0 +1,47 @@
+"""The report as a browser shows it: every thumbnail decodes (headless Chromium from Debian's `chromium` package,
+which .ci/run installs)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from curator.clean import CleanSettings, clean
+from tests.conftest import write_odd_tree
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const good = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const out = document.createElement('pre');
+  out.id = 'image-check';
+  out.textContent = 'IMAGES ' + good + '/' + imgs.length;
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_every_report_image_loads_in_chromium(tmp_path):
+    root = tmp_path / "raw"
+    write_odd_tree(root)
+    result = clean(CleanSettings(root=root, workspace=tmp_path / "ws", workers=1))
+    page = result.report_path.read_text(encoding="utf-8")
+    checked = result.report_path.with_name("report_check.html")
+    checked.write_text(page.replace("</body>", CHECK + "</body>"), encoding="utf-8")
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=10000", "--dump-dom",
+         checked.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    found = re.search(r"IMAGES (\d+)/(\d+)", out.stdout)
+    assert found, out.stderr[-2000:]
+    good, total = int(found.group(1)), int(found.group(2))
+    assert total >= 8 and good == total
