@@ -69,6 +69,7 @@ OPTIONAL: dict[str, Column] = {
     "suggested_label": Column(pl.String, "the class the evidence favours most after the given one"),
     "is_mislabel_issue": Column(pl.Boolean, "flagged as mislabelled (status outlier, or relabelled)"),
     "original_label": Column(pl.String, "the label before --relabel changed it; null otherwise"),
+    "mislabel_neighbours": Column(pl.List(pl.String), "for flagged rows: the 3 nearest images of the suggested class"),
 }
 
 COLUMNS: dict[str, Column] = {**CORE, **OPTIONAL}

@@ -188,6 +188,7 @@ def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
     n = len(frame)
     score: list[float | None] = [None] * n
     suggested: list[str | None] = [None] * n
+    witnesses_of: list[list[str] | None] = [None] * n
     issue = [False] * n
     original: list[str | None] = [None] * n
     warnings_out: list[str] = []
@@ -196,7 +197,7 @@ def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
     if len(set(kept_labels)) < 2 or len(rows) < 2 * settings.folds:
         warnings_out.append("mislabel check skipped: it needs at least two classes and "
                             f"{2 * settings.folds} kept images")
-        return _with_mislabel_columns(frame, score, suggested, issue, original), warnings_out
+        return _with_mislabel_columns(frame, score, suggested, issue, original, witnesses_of), warnings_out
     groups = frame["group"].to_list()
     result = score_mislabels(embeddings, kept_labels, [groups[r] for r in rows], settings)
     if result.knn_only_classes:
@@ -206,12 +207,18 @@ def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
     status = frame["status"].to_list()
     keep = frame["keep"].to_list()
     reason = frame["reason"].to_list()
+    paths = frame["path"].to_list()
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    classes_of = np.array([result.classes.index(label) for label in kept_labels])
     for k, r in enumerate(rows.tolist()):
         score[r] = float(result.score[k])
         suggested[r] = result.classes[result.suggested[k]]
         if not result.flagged[k]:
             continue
         issue[r] = True
+        same_class = np.flatnonzero(classes_of == result.suggested[k])
+        nearest = same_class[np.argsort(-(unit[same_class] @ unit[k]), kind="stable")[:3]]
+        witnesses_of[r] = [paths[rows[j]] for j in nearest]
         probe_p = result.probe[k, result.suggested[k]]
         witnesses = f"{result.votes[k]} of {result.voters[k]} nearest neighbours"
         if probe_p > 0:
@@ -229,11 +236,12 @@ def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
         pl.Series("label", labels, dtype=pl.String), pl.Series("status", status, dtype=pl.String),
         pl.Series("keep", keep, dtype=pl.Boolean), pl.Series("reason", reason, dtype=pl.String),
     )
-    return _with_mislabel_columns(frame, score, suggested, issue, original), warnings_out
+    return _with_mislabel_columns(frame, score, suggested, issue, original, witnesses_of), warnings_out
 
 
-def _with_mislabel_columns(frame, score, suggested, issue, original) -> pl.DataFrame:
+def _with_mislabel_columns(frame, score, suggested, issue, original, witnesses) -> pl.DataFrame:
     return frame.with_columns(
+        pl.Series("mislabel_neighbours", witnesses, dtype=pl.List(pl.String)),
         pl.Series("mislabel_score", score, dtype=pl.Float32),
         pl.Series("suggested_label", suggested, dtype=pl.String),
         pl.Series("is_mislabel_issue", issue, dtype=pl.Boolean),

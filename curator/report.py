@@ -2,8 +2,8 @@
 self-contained: thumbnails are small WebP files in `thumbs/` beside the page, made by the same safe loader.
 
 Sections, worst first: counts per stage and per class; duplicate clusters and label conflicts as rows of thumbnails
-(keeper marked, with the evidence); likely mislabelled images with given and suggested label; corrupt files with
-their reasons. Sections longer than `PAGE` items show the
+(keeper marked, with the evidence); likely mislabelled images with given and suggested label beside their nearest images of the
+suggested class; corrupt files with their reasons. Sections longer than `PAGE` items show the
 first `PAGE` and fold the rest, so a 100k-image run still opens.
 """
 
@@ -104,11 +104,16 @@ def write_report(frame: pl.DataFrame, root: Path, workspace: Path) -> Path:
 
     if "is_mislabel_issue" in frame.columns:
         flagged = frame.filter(pl.col("is_mislabel_issue").fill_null(False)).sort("mislabel_score", descending=True)
+        by_path = {r["path"]: r for r in frame.iter_rows(named=True)} if len(flagged) else {}
         outlier_rows = []
         for row in flagged.iter_rows(named=True):
             given = row["original_label"] or row["label"]
             caption = f"filed as {given}, suggested {row['suggested_label']} (score {row['mislabel_score']:.2f})"
-            outlier_rows.append(f'<div class="row">{_item(root, thumbs, row, "dropped" if not row["keep"] else "", caption)}'
+            witnesses = "".join(
+                _item(root, thumbs, by_path[p], "", f"nearest {row['suggested_label']}")
+                for p in row.get("mislabel_neighbours") or [] if p in by_path)
+            flagged_item = _item(root, thumbs, row, "dropped" if not row["keep"] else "", caption)
+            outlier_rows.append(f'<div class="row">{flagged_item}{witnesses}'
                                 f'<div class="reason">{html.escape(row["reason"] or "")}</div></div>')
         sections.append(f"<h2>Likely mislabelled ({len(outlier_rows)}), worst first</h2>"
                         + (_paged(outlier_rows, "images") or "<p>none</p>"))

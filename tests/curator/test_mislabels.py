@@ -96,3 +96,13 @@ def test_single_group_class_is_left_to_the_neighbours():
     assert has_probe[:40].all() and not has_probe[40:].any()
     result = score_mislabels(x, [str(v) for v in y], list(groups), MislabelSettings(neighbours=5))
     assert result.knn_only_classes == ["2"]
+
+
+def test_flagged_rows_name_their_nearest_images_of_the_suggested_class_in_the_report(cleaned):
+    df = cleaned["remove"]
+    flagged = df.filter(pl.col("is_mislabel_issue"))
+    by_path = {row["path"]: row for row in df.iter_rows(named=True)}
+    for row in flagged.iter_rows(named=True):
+        assert len(row["mislabel_neighbours"]) == 3
+        assert all(by_path[p]["label"] == row["suggested_label"] for p in row["mislabel_neighbours"])
+    assert df.filter(~pl.col("is_mislabel_issue"))["mislabel_neighbours"].null_count() == len(df) - len(flagged)
