@@ -15,11 +15,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/classify models --load
 	$(VENV)/bin/curator clean data/sample --out $(WORKSPACE) --group-pattern '^([^_]+)_' --export demo/clean-set
+	$(VENV)/bin/curator split --workspace $(WORKSPACE)
 	@echo
 	@echo "Reports:"
 	@echo "  report:    $(WORKSPACE)/report.html"
 	@echo "  manifest:  $(WORKSPACE)/manifest.parquet"
 	@echo "  settings:  $(WORKSPACE)/settings.json"
+	@echo "  splits:    $(WORKSPACE)/splits.parquet, $(WORKSPACE)/split_report.json"
 	@echo "  clean set: demo/clean-set/"
 
 test: $(VENV)/.installed

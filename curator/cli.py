@@ -159,6 +159,53 @@ def clean(
                       f"hard-linked, {exported.copied} copied, {exported.already_there} already there)")
 
 
+@app.command()
+def split(
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="The workspace `curator clean` wrote.")] = Path(
+        "curated"),
+    ratios: Annotated[str, typer.Option(help="train,val,test proportions.")] = "0.8,0.1,0.1",
+    balance: Annotated[str, typer.Option(
+        help="none, undersample, oversample or cap:N; recorded as a per-row weight, never by copying files.")] = "none",
+    balance_all: Annotated[bool, typer.Option("--balance-all", help="Balance val and test too, not only train.")
+                           ] = False,
+    group_pattern: Annotated[str | None, typer.Option(
+        help="Regex on the file name whose first group is the group (default: the manifest's group).")] = None,
+    folds: Annotated[int | None, typer.Option(help="K grouped cross-validation folds instead of splits.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed; the same manifest and seed give the same file.")] = 0,
+) -> None:
+    """Split the cleaned images: stratified by label, no group or duplicate cluster in two splits, with a leak
+    certificate (split_report.json)."""
+    from curator.splits import SplitSettings, make_splits
+
+    try:
+        parts = tuple(float(x) for x in ratios.split(","))
+    except ValueError:
+        raise fail(UsageError(f"--ratios must be three numbers like 0.8,0.1,0.1; got {ratios!r}")) from None
+    try:
+        settings = SplitSettings(ratios=parts, balance=balance, balance_all=balance_all, group_pattern=group_pattern,
+                                 folds=folds, seed=seed)
+        result = make_splits(workspace, settings)
+    except AtelierError as exc:
+        raise fail(exc) from None
+    report = result.report
+    table = Table(title="curator split")
+    table.add_column("class")
+    names = list(report["counts"])
+    for name in names:
+        table.add_column(name, justify="right")
+    for label in sorted({c for counts in report["counts"].values() for c in counts}):
+        table.add_row(label, *[str(report["counts"][n].get(label, 0)) for n in names])
+    table.add_row("[bold]share", *[f"[bold]{report['proportions'][n]:.3f}" for n in names])
+    console.print(table)
+    cert = report["certificate"]
+    console.print(f"groups: {report['groups']}, units kept together (groups + duplicate clusters): {report['units']}")
+    console.print(f"certificate: largest cross-split cosine {cert['max_cross_split_cosine']:.3f} (duplicate threshold "
+                  f"{cert['cosine_threshold']:.3f}); smallest cross-split pHash distance "
+                  f"{cert['min_cross_split_phash_distance']} (radius {cert['phash_radius']}); pairs above either: "
+                  f"{cert['pairs_above_cosine_or_phash']} after {len(report['certificate_rounds'])} round(s)")
+    console.print(f"splits: [bold]{result.path}[/]")
+
+
 def print_clean_summary(result) -> None:
     df = result.manifest
     table = Table(title="curator clean", show_footer=False)

@@ -70,6 +70,10 @@ OPTIONAL: dict[str, Column] = {
     "is_mislabel_issue": Column(pl.Boolean, "flagged as mislabelled (status outlier, or relabelled)"),
     "original_label": Column(pl.String, "the label before --relabel changed it; null otherwise"),
     "mislabel_neighbours": Column(pl.List(pl.String), "for flagged rows: the 3 nearest images of the suggested class"),
+    # curator.splits (splits.parquet: the kept rows only)
+    "split": Column(pl.String, "train, val or test"),
+    "weight": Column(pl.Float32, "sampling weight from --balance: >1 oversampled, 0 left out by undersampling or a cap"),
+    "fold": Column(pl.Int32, "cross-validation fold (with --folds K) instead of split"),
 }
 
 COLUMNS: dict[str, Column] = {**CORE, **OPTIONAL}

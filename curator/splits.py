@@ -1,0 +1,273 @@
+"""`curator split`: stratified, grouped, balanced splits with a certificate that no near-duplicate crosses them.
+
+Rows are assigned in units: the union of a duplicate cluster and a group (artist), so that neither spans two splits.
+Units go to folds with scikit-learn's StratifiedGroupKFold; folds go to splits in the ratios asked for. Afterwards
+the leak certificate searches every split's embeddings and pHashes against the other splits; pairs above the
+duplicate thresholds join one unit and the assignment is redone, until none is left.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from curator import manifest
+from curator.duplicates import DuplicateSettings, connected_clusters, radius_pairs, similarity
+from curator.embed import embedding_matrix, open_cache
+from curator.errors import UsageError
+from curator.hashing import from_hex
+
+SPLITS = ("train", "val", "test")
+SPLITS_NAME = "splits.parquet"
+REPORT_NAME = "split_report.json"
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """What decides a split; written into split_report.json."""
+
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    balance: str = "none"
+    balance_all: bool = False
+    group_pattern: str | None = None
+    folds: int | None = None
+    seed: int = 0
+    respect_groups: bool = True  # False only to show what the certificate catches
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) != 3 or any(r <= 0 for r in self.ratios) or abs(sum(self.ratios) - 1) > 1e-6:
+            raise UsageError(f"--ratios must be three positive numbers summing to 1; got {self.ratios!r}")
+        if not re.fullmatch(r"none|undersample|oversample|cap:\d+", self.balance):
+            raise UsageError(f"--balance must be none, undersample, oversample or cap:N; got {self.balance!r}")
+        if self.folds is not None and self.folds < 2:
+            raise UsageError(f"--folds must be at least 2; got {self.folds!r}")
+
+
+@dataclass
+class SplitResult:
+    frame: pl.DataFrame
+    path: Path
+    report: dict = field(default_factory=dict)
+
+
+def units_of(clusters: list[int | None], groups: list[str | None], extra_pairs: list[tuple[int, int]] = ()
+             ) -> np.ndarray:
+    """One unit id per row: rows sharing a duplicate cluster, a group or an extra pair share a unit."""
+    n = len(clusters)
+    i, j = [], []
+    for kind, keys in (("cluster", clusters), ("group", groups)):
+        first: dict[object, int] = {}
+        for row, key in enumerate(keys):
+            if key is None:
+                continue
+            if key in first:
+                i.append(first[key])
+                j.append(row)
+            else:
+                first[key] = row
+    for a, b in extra_pairs:
+        i.append(a)
+        j.append(b)
+    linked = connected_clusters(n, np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))
+    return np.where(linked >= 0, linked, np.arange(n))
+
+
+def assign_parts(labels: np.ndarray, units: np.ndarray, ratios: list[float], seed: int) -> np.ndarray:
+    """A part index per row, stratified by label, no unit in two parts.
+
+    Greedy, largest units first: each unit goes where its classes are least filled relative to their targets.
+    Then a repair pass: a class missing from a part gets that class's smallest unit from the part that has most of it.
+    """
+    classes, y = np.unique(labels, return_inverse=True)
+    n_classes = len(classes)
+    target = np.outer(np.asarray(ratios), np.bincount(y, minlength=n_classes))  # (parts, classes)
+    have = np.zeros_like(target)
+    unit_ids, unit_of_row = np.unique(units, return_inverse=True)
+    content = np.zeros((len(unit_ids), n_classes))
+    np.add.at(content, (unit_of_row, y), 1)
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(unit_ids)), -content.sum(axis=1)))
+    part_of_unit = np.zeros(len(unit_ids), dtype=np.int64)
+    for u in order:
+        weights = content[u] / content[u].sum()
+        fill = ((have + content[u]) / np.maximum(target, 1e-9)) @ weights
+        best = int(np.argmin(fill))
+        part_of_unit[u] = best
+        have[best] += content[u]
+    for _ in range(len(unit_ids)):
+        holes = np.argwhere((have == 0) & (target > 0))
+        if len(holes) == 0:
+            break
+        part, c = holes[0]
+        donors = [u for u in np.flatnonzero(content[:, c] > 0)
+                  if have[part_of_unit[u], c] - content[u, c] > 0]
+        if not donors:
+            break
+        u = min(donors, key=lambda d: (content[d].sum(), d))
+        have[part_of_unit[u]] -= content[u]
+        part_of_unit[u] = part
+        have[part] += content[u]
+    return part_of_unit[unit_of_row]
+
+
+def assign_splits(labels: np.ndarray, units: np.ndarray, ratios: tuple[float, float, float],
+                  seed: int) -> np.ndarray:
+    """train/val/test per row in about the given ratios, stratified, no unit in two splits."""
+    return np.array(SPLITS)[assign_parts(labels, units, list(ratios), seed)]
+
+
+def assign_folds(labels: np.ndarray, units: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """A fold per row (0..k-1), stratified by label, no unit in two folds."""
+    return assign_parts(labels, units, [1.0 / k] * k, seed)
+
+
+def balance_weights(labels: np.ndarray, split: np.ndarray, mode: str, balance_all: bool,
+                    seed: int) -> np.ndarray:
+    """Sampling weight per row: oversampling repeats a class (weight > 1), undersampling or a cap leaves rows out
+    (weight 0). Only train rows unless `balance_all`."""
+    weight = np.ones(len(labels))
+    if mode == "none":
+        return weight
+    rng = np.random.default_rng(seed)
+    for name in (SPLITS if balance_all else ("train",)):
+        rows = np.flatnonzero(split == name)
+        classes, counts = np.unique(labels[rows], return_counts=True)
+        if mode == "oversample":
+            for c, count in zip(classes, counts):
+                weight[rows[labels[rows] == c]] = counts.max() / count
+            continue
+        limit = counts.min() if mode == "undersample" else int(mode.split(":")[1])
+        for c in classes:
+            members = rows[labels[rows] == c]
+            if len(members) > limit:
+                weight[rng.permutation(members)[limit:]] = 0.0
+    return weight
+
+
+def cross_split_pairs(unit_emb: np.ndarray | None, phash: np.ndarray, split: np.ndarray, cosine_threshold: float,
+                      phash_radius: int) -> tuple[dict, list[tuple[int, int]]]:
+    """The certificate: largest cross-split cosine and pHash closeness, and every pair above the thresholds."""
+    import faiss
+
+    pairs: set[tuple[int, int]] = set()
+    max_cos, min_phash = -1.0, 64
+    for name in np.unique(split):
+        inside, outside = np.flatnonzero(split == name), np.flatnonzero(split != name)
+        if len(inside) == 0 or len(outside) == 0:
+            continue
+        if unit_emb is not None:
+            index = faiss.IndexFlatIP(unit_emb.shape[1])
+            index.add(unit_emb[outside])
+            sims, ids = index.search(unit_emb[inside], 1)
+            max_cos = max(max_cos, float(sims.max()))
+            lims, dist, found = index.range_search(unit_emb[inside], cosine_threshold)
+            q = np.repeat(inside, np.diff(lims).astype(np.int64))
+            pairs |= {(min(a, b), max(a, b)) for a, b in zip(q.tolist(), outside[found].tolist())}
+        q, b, d = radius_pairs(phash[inside], phash[outside], 64)
+        if len(d):
+            min_phash = min(min_phash, int(d.min()))
+        close = d <= phash_radius
+        pairs |= {(min(a, c), max(a, c)) for a, c in zip(inside[q[close]].tolist(), outside[b[close]].tolist())}
+    report = {"max_cross_split_cosine": round(max_cos, 4), "cosine_threshold": round(cosine_threshold, 4),
+              "pairs_above_cosine_or_phash": len(pairs), "min_cross_split_phash_distance": min_phash,
+              "phash_radius": phash_radius}
+    return report, sorted(pairs)
+
+
+def make_splits(workspace: Path, settings: SplitSettings | None = None,
+                duplicates: DuplicateSettings | None = None) -> SplitResult:
+    """Split the kept rows of the workspace's manifest and write splits.parquet and split_report.json.
+
+    The leak certificate uses the duplicate thresholds of `duplicates` (the defaults of `curator clean`).
+    """
+    settings = settings or SplitSettings()
+    duplicates = duplicates or DuplicateSettings()
+    workspace = Path(workspace)
+    df = manifest.read(workspace / manifest.MANIFEST_NAME)
+    meta = manifest.read_metadata(workspace / manifest.MANIFEST_NAME)
+    kept = df.filter(pl.col("keep") & pl.col("label").is_not_null()).sort("path")
+    if kept.is_empty():
+        raise UsageError(f"{workspace} has no kept, labelled images to split; run `curator clean` on a class-folder tree")
+    labels = np.array(kept["label"].to_list(), dtype=object)
+    if settings.group_pattern:
+        pattern = re.compile(settings.group_pattern)
+        groups = [(m.group(1) if pattern.groups else m.group(0)) if (m := pattern.search(p.rsplit("/", 1)[-1]))
+                  else None for p in kept["path"].to_list()]
+    else:
+        groups = kept["group"].to_list()
+    cache = open_cache(workspace, meta["backbone_key"])
+    unit_emb = embedding_matrix(cache.get(kept["sha256"].to_list()), cache.layout)
+    phash = from_hex(kept["phash"].to_list())
+    sim = similarity(unit_emb, duplicates.embed_neighbours)
+    threshold = 1.0 - duplicates.embed_relative * sim.gap
+
+    clusters = kept["cluster"].to_list() if "cluster" in kept.columns else [None] * len(kept)
+    if not settings.respect_groups:
+        clusters, groups = [None] * len(kept), [None] * len(kept)
+    extra: list[tuple[int, int]] = []
+    rounds = []
+    for _ in range(6):
+        units = units_of(clusters, groups, extra)
+        _check_classes(labels, units, settings)
+        if settings.folds:
+            assignment = assign_folds(labels, units, settings.folds, settings.seed)
+        else:
+            assignment = assign_splits(labels, units, settings.ratios, settings.seed)
+        _check_every_class_everywhere(labels, units, assignment)
+        certificate, leaks = cross_split_pairs(unit_emb, phash, np.asarray(assignment), threshold,
+                                               duplicates.phash_radius)
+        rounds.append(certificate)
+        if not leaks or not settings.respect_groups:
+            break
+        extra += leaks
+    if settings.folds:
+        out = kept.with_columns(pl.Series("fold", assignment, dtype=pl.Int32))
+        split_names = [str(f) for f in range(settings.folds)]
+        column = "fold"
+    else:
+        weight = balance_weights(labels, assignment, settings.balance, settings.balance_all, settings.seed)
+        out = kept.with_columns(pl.Series("split", assignment, dtype=pl.String),
+                                pl.Series("weight", weight, dtype=pl.Float32))
+        split_names = list(SPLITS)
+        column = "split"
+    counts = {s: dict(out.filter(pl.col(column).cast(pl.String) == s).group_by("label").len().sort("label").rows())
+              for s in split_names}
+    report = {
+        "settings": {**asdict(settings), "ratios": list(settings.ratios)},
+        "rows": len(out),
+        "groups": len({g for g in groups if g is not None}),
+        "units": len(np.unique(units)),
+        "proportions": {s: round(sum(c.values()) / len(out), 4) for s, c in counts.items()},
+        "counts": counts,
+        "certificate": rounds[-1],
+        "certificate_rounds": rounds,
+    }
+    path = manifest.write_atomic(out, workspace / SPLITS_NAME, {"split_report": report})
+    manifest.write_json_atomic(report, workspace / REPORT_NAME)
+    return SplitResult(out, path, report)
+
+
+def _check_classes(labels: np.ndarray, units: np.ndarray, settings: SplitSettings) -> None:
+    needed = settings.folds or 3
+    small = []
+    for c in sorted(set(labels)):
+        n_units = len(set(units[labels == c]))
+        if n_units < needed:
+            small.append(f"{c} ({int((labels == c).sum())} images in {n_units} groups)")
+    if small:
+        raise UsageError(f"every class needs at least {needed} separate groups to appear in every "
+                         f"{'fold' if settings.folds else 'split'}; too small: {', '.join(small)}")
+
+
+def _check_every_class_everywhere(labels: np.ndarray, units: np.ndarray, assignment: np.ndarray) -> None:
+    missing = []
+    for part in np.unique(assignment):
+        for c in sorted(set(labels) - set(labels[assignment == part])):
+            missing.append(f"{c} has no images in {part} ({len(set(units[labels == c]))} groups in all)")
+    if missing:
+        raise UsageError(f"not every class reaches every split: {'; '.join(missing)}; add images or artists to those "
+                         f"classes, or change --ratios")
