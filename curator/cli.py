@@ -126,7 +126,8 @@ def clean(
         help="Also place the kept images in this folder as a class-folder tree (hard links where possible, "
              "copies otherwise; never overwriting other files), with their manifest.")] = None,
 ) -> None:
-    """Scan ROOT, check every file, embed every usable image once (cached), and write the manifest."""
+    """Scan ROOT, check every file, embed every usable image once (cached), find duplicates, label conflicts and
+    likely mislabelled images, and write the manifest and report.html."""
     from curator.clean import CleanSettings
     from curator.clean import clean as run_clean
     from curator.export import check_destination, export_kept

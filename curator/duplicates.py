@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from curator.hashing import to_bytes
+from curator.hashing import CROP_SCALES, to_bytes
 
 #: Formats ranked for keeping, least lossy first (the keeper rule's second key).
 FORMAT_RANK = {"PNG": 0, "TIFF": 0, "BMP": 0, "PPM": 0, "WEBP": 1, "JPEG": 2, "GIF": 3}
@@ -266,7 +266,7 @@ def connected_clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([find(x) for x in range(n)])
+    roots = np.array([find(x) for x in range(n)], dtype=np.int64)
     sizes = np.bincount(roots, minlength=n)
     return np.where(sizes[roots] > 1, roots, -1)
 
@@ -318,7 +318,8 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
     step(1)
     phash = from_hex(ok["phash"].to_list())
     dhash = from_hex(ok["dhash"].to_list())
-    crop = np.array([[int(h, 16) for h in hs] for hs in ok["crop_phash"].to_list()], dtype=np.uint64).reshape(m, -1)
+    crop = np.array([[int(h, 16) for h in hs] for hs in ok["crop_phash"].to_list()], dtype=np.uint64).reshape(
+        m, len(CROP_SCALES))
     colour = colour_vectors(ok["colour"].to_list())
     near = phash_pairs(phash, dhash, crop, settings) if m else empty_pairs()
     sim = (similarity(embeddings, settings.embed_neighbours, pl.concat([exact, near]).select("i", "j"))

@@ -143,3 +143,15 @@ def test_cli_timm_backbone_with_weights_file(small_tree, tmp_path):
                                  "--weights", str(tmp_path / "w.safetensors"), "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert manifest.read_metadata(out / "manifest.parquet")["weights"].startswith("file:w.safetensors")
+
+
+def test_a_root_of_only_broken_images_gives_rows_not_a_crash(tmp_path):
+    root = tmp_path / "raw" / "A"
+    root.mkdir(parents=True)
+    (root / "x.jpg").write_bytes(b"garbage")
+    (root / "y.png").write_bytes(b"")
+    result = runner.invoke(app, ["clean", str(root.parent), "--out", str(tmp_path / "ws"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    df = manifest.read(tmp_path / "ws")
+    assert df["status"].to_list() == ["corrupt", "corrupt"] and not df["keep"].any()
+    assert "mislabel check skipped" in result.output
