@@ -318,8 +318,8 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
     step(1)
     phash = from_hex(ok["phash"].to_list())
     dhash = from_hex(ok["dhash"].to_list())
-    crop = np.array([[int(h, 16) for h in hs] for hs in ok["crop_phash"].to_list()], dtype=np.uint64).reshape(
-        m, len(CROP_SCALES))
+    crop = (np.array([[int(h, 16) for h in hs] for hs in ok["crop_phash"].to_list()], dtype=np.uint64) if m
+            else np.zeros((0, len(CROP_SCALES)), dtype=np.uint64))
     colour = colour_vectors(ok["colour"].to_list())
     near = phash_pairs(phash, dhash, crop, settings) if m else empty_pairs()
     sim = (similarity(embeddings, settings.embed_neighbours, pl.concat([exact, near]).select("i", "j"))
