@@ -1,7 +1,6 @@
-"""`curator clean`: scan a folder, judge every file, embed every usable image once, write the manifest.
-
-This module holds stage 1 (integrity and embeddings). Later stages (duplicates, mislabels) read the same manifest
-and the same cached embeddings.
+"""`curator clean`: scan a folder, judge every file, embed every usable image once, then run the duplicate cascade
+(`curator.duplicates`) and the mislabel stage (`curator.mislabels`), and write the manifest, settings.json and
+report.html. Each stage is a function over frames and arrays; this module only orders them and does the I/O.
 """
 
 from __future__ import annotations
@@ -76,9 +75,6 @@ class CleanResult:
     report_path: Path | None = None
     root: Path | None = None
     warnings: list[str] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        return dict(self.manifest.group_by("status").len().iter_rows())
 
 
 def compile_group_pattern(pattern: str | None) -> re.Pattern | None:
