@@ -194,7 +194,8 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     progress.start("mislabels (probe + neighbours)", 1)
     kept_shas = frame.filter(pl.col("keep") & pl.col("label").is_not_null())["sha256"].to_list()
     kept_embeddings = embedding_matrix(cache.get(kept_shas), backbone.feature_layout) if kept_shas else None
-    frame, warnings = apply_mislabels(frame, kept_embeddings, settings.mislabels)
+    frame, warnings = apply_mislabels(frame, kept_embeddings, settings.mislabels,
+                                      cache_dir=workspace / "cache" / backbone.key)
     progress.advance(1)
     frame = manifest.validate(frame)
     timings["mislabels"] = time.perf_counter() - t0

@@ -21,8 +21,12 @@ ranking by margin (average precision 0.57 against 0.39 at 10% swaps); confident 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -180,10 +184,37 @@ def score_mislabels(embeddings: np.ndarray, labels: list[str], groups: list[str 
                           knn_only, noise_rate)
 
 
+_ARRAYS = ("evidence", "probe", "knn", "votes", "voters", "flagged", "score", "suggested")
+
+
+def cached_score(cache_dir: Path, key_parts: list, embeddings: np.ndarray, labels: list[str],
+                 groups: list[str | None], settings: MislabelSettings) -> MislabelResult:
+    """`score_mislabels`, remembered in `cache_dir` under a hash of everything it depends on (file contents, labels,
+    groups, settings), so a rerun on an unchanged collection does not refit the probe."""
+    digest = hashlib.sha256(json.dumps([key_parts, labels, groups, asdict(settings)], default=str).encode())
+    path = Path(cache_dir) / f"mislabels-{digest.hexdigest()[:24]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            return MislabelResult(meta["classes"], *(saved[name] for name in _ARRAYS[:5]),
+                                  saved["flagged"], saved["score"], saved["suggested"], meta["knn_only"],
+                                  meta["noise_rate"])
+    result = score_mislabels(embeddings, labels, groups, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps({"classes": result.classes, "knn_only": result.knn_only_classes,
+                       "noise_rate": result.noise_rate})
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, meta=np.array(meta), **{name: getattr(result, name) for name in _ARRAYS})
+    os.replace(tmp, path)
+    return result
+
+
 def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
-                    settings: MislabelSettings = MislabelSettings()) -> tuple[pl.DataFrame, list[str]]:
+                    settings: MislabelSettings = MislabelSettings(),
+                    cache_dir: Path | None = None) -> tuple[pl.DataFrame, list[str]]:
     """Score the kept, labelled rows of a manifest frame (`embeddings` in the order of those rows) and act on the
-    flagged ones per `settings.action`. Returns the frame with the mislabel columns, and warnings for the user."""
+    flagged ones per `settings.action`. Returns the frame with the mislabel columns, and warnings for the user.
+    With `cache_dir`, the scores of an unchanged collection are reused."""
     rows = np.flatnonzero((frame["keep"] & frame["label"].is_not_null()).to_numpy())
     n = len(frame)
     score: list[float | None] = [None] * n
@@ -199,7 +230,12 @@ def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
                             f"{2 * settings.folds} kept images")
         return _with_mislabel_columns(frame, score, suggested, issue, original, witnesses_of), warnings_out
     groups = frame["group"].to_list()
-    result = score_mislabels(embeddings, kept_labels, [groups[r] for r in rows], settings)
+    kept_groups = [groups[r] for r in rows]
+    if cache_dir is None:
+        result = score_mislabels(embeddings, kept_labels, kept_groups, settings)
+    else:
+        shas = frame["sha256"].to_list()
+        result = cached_score(cache_dir, [shas[r] for r in rows], embeddings, kept_labels, kept_groups, settings)
     if result.knn_only_classes:
         warnings_out.append(
             f"classes with fewer than 2 images (or 2 artists) for the probe, scored by nearest neighbours alone: "

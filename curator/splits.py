@@ -19,7 +19,7 @@ from curator import manifest
 from curator.duplicates import DuplicateSettings, connected_clusters, radius_pairs, similarity
 from curator.embed import embedding_matrix, open_cache
 from curator.errors import UsageError
-from curator.hashing import from_hex
+from curator.hashing import from_hex, to_bytes
 
 SPLITS = ("train", "val", "test")
 SPLITS_NAME = "splits.parquet"
@@ -162,16 +162,17 @@ def cross_split_pairs(unit_emb: np.ndarray | None, phash: np.ndarray, split: np.
         if unit_emb is not None:
             index = faiss.IndexFlatIP(unit_emb.shape[1])
             index.add(unit_emb[outside])
-            sims, ids = index.search(unit_emb[inside], 1)
+            sims, _ = index.search(unit_emb[inside], 1)
             max_cos = max(max_cos, float(sims.max()))
-            lims, dist, found = index.range_search(unit_emb[inside], cosine_threshold)
+            lims, _, found = index.range_search(unit_emb[inside], cosine_threshold)
             q = np.repeat(inside, np.diff(lims).astype(np.int64))
             pairs |= {(min(a, b), max(a, b)) for a, b in zip(q.tolist(), outside[found].tolist())}
-        q, b, d = radius_pairs(phash[inside], phash[outside], 64)
-        if len(d):
-            min_phash = min(min_phash, int(d.min()))
-        close = d <= phash_radius
-        pairs |= {(min(a, c), max(a, c)) for a, c in zip(inside[q[close]].tolist(), outside[b[close]].tolist())}
+        binary = faiss.IndexBinaryFlat(64)
+        binary.add(to_bytes(phash[outside]))
+        nearest, _ = binary.search(to_bytes(phash[inside]), 1)
+        min_phash = min(min_phash, int(nearest.min()))
+        q, b, _ = radius_pairs(phash[inside], phash[outside], phash_radius)
+        pairs |= {(min(a, c), max(a, c)) for a, c in zip(inside[q].tolist(), outside[b].tolist())}
     report = {"max_cross_split_cosine": round(max_cos, 4), "cosine_threshold": round(cosine_threshold, 4),
               "pairs_above_cosine_or_phash": len(pairs), "min_cross_split_phash_distance": min_phash,
               "phash_radius": phash_radius}

@@ -106,3 +106,19 @@ def test_flagged_rows_name_their_nearest_images_of_the_suggested_class_in_the_re
         assert len(row["mislabel_neighbours"]) == 3
         assert all(by_path[p]["label"] == row["suggested_label"] for p in row["mislabel_neighbours"])
     assert df.filter(~pl.col("is_mislabel_issue"))["mislabel_neighbours"].null_count() == len(df) - len(flagged)
+
+
+def test_rerun_reuses_the_scores_instead_of_refitting(tmp_path, monkeypatch):
+    import curator.mislabels
+
+    root = tmp_path / "raw"
+    shutil.copytree(SAMPLE, root)
+    settings = CleanSettings(root=root, workspace=tmp_path / "ws", group_pattern=r"^([^_]+)_", workers=1)
+    first = clean(settings).manifest
+    assert list((tmp_path / "ws" / "cache").rglob("mislabels-*.npz"))
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the probe was refit on an unchanged collection")
+
+    monkeypatch.setattr(curator.mislabels, "score_mislabels", refit)
+    assert clean(settings).manifest.equals(first)
