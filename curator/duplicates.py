@@ -84,9 +84,9 @@ def empty_pairs() -> pl.DataFrame:
     return pl.DataFrame(schema=PAIR_SCHEMA)
 
 
-def exact_pairs(keys: list[str | None], stage: str, detail: str) -> pl.DataFrame:
-    """Pairs (first member, other member) of rows sharing a non-null key."""
-    first: dict[str, int] = {}
+def shared_key_pairs(keys: list) -> tuple[list[int], list[int]]:
+    """Row pairs (first row with a key, each later row with it) for every non-null key shared by several rows."""
+    first: dict[object, int] = {}
     i, j = [], []
     for row, key in enumerate(keys):
         if key is None:
@@ -96,6 +96,12 @@ def exact_pairs(keys: list[str | None], stage: str, detail: str) -> pl.DataFrame
             j.append(row)
         else:
             first[key] = row
+    return i, j
+
+
+def exact_pairs(keys: list[str | None], stage: str, detail: str) -> pl.DataFrame:
+    """Pairs (first member, other member) of rows sharing a non-null key."""
+    i, j = shared_key_pairs(keys)
     return _pairs_frame(i, j, stage, detail=detail)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from curator import manifest
-from curator.duplicates import DuplicateSettings, connected_clusters, radius_pairs, similarity
+from curator.duplicates import DuplicateSettings, connected_clusters, radius_pairs, shared_key_pairs, similarity
 from curator.embed import embedding_matrix, open_cache
 from curator.errors import UsageError
 from curator.hashing import from_hex, to_bytes
@@ -59,16 +59,10 @@ def units_of(clusters: list[int | None], groups: list[str | None], extra_pairs: 
     """One unit id per row: rows sharing a duplicate cluster, a group or an extra pair share a unit."""
     n = len(clusters)
     i, j = [], []
-    for kind, keys in (("cluster", clusters), ("group", groups)):
-        first: dict[object, int] = {}
-        for row, key in enumerate(keys):
-            if key is None:
-                continue
-            if key in first:
-                i.append(first[key])
-                j.append(row)
-            else:
-                first[key] = row
+    for keys in (clusters, groups):
+        ki, kj = shared_key_pairs(keys)
+        i += ki
+        j += kj
     for a, b in extra_pairs:
         i.append(a)
         j.append(b)
