@@ -185,15 +185,17 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     timings["model"] = report.model_seconds
     frame = build_manifest(root, report.infos, report.fingerprints, pattern)
     t0 = time.perf_counter()
-    ok_shas = frame.filter(pl.col("status") == STATUS_OK)["sha256"].to_list()
+    ok = (frame["status"] == STATUS_OK).to_numpy()
+    ok_shas = frame.filter(pl.Series(ok))["sha256"].to_list()
     embeddings = embedding_matrix(cache.get(ok_shas), backbone.feature_layout) if ok_shas else None
     progress.start("duplicates (exact, phash, embedding)", 3)
     frame, pairs = find_duplicates(frame, embeddings, settings.duplicates, progress.advance)
     timings["duplicates"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     progress.start("mislabels (probe + neighbours)", 1)
-    kept_shas = frame.filter(pl.col("keep") & pl.col("label").is_not_null())["sha256"].to_list()
-    kept_embeddings = embedding_matrix(cache.get(kept_shas), backbone.feature_layout) if kept_shas else None
+    # kept rows are a subset of the ok rows: take their embeddings from the matrix already built
+    kept = (frame["keep"] & frame["label"].is_not_null()).to_numpy()
+    kept_embeddings = embeddings[kept[ok]] if embeddings is not None and kept.any() else None
     frame, warnings = apply_mislabels(frame, kept_embeddings, settings.mislabels,
                                       cache_dir=workspace / "cache" / backbone.key)
     progress.advance(1)
