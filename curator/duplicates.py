@@ -166,11 +166,12 @@ def normalise(embeddings: np.ndarray) -> np.ndarray:
     return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def neighbours(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k nearest other rows by cosine: exact (IndexFlatIP) up to 200k rows, HNSW beyond, re-scored exactly."""
+def neighbours(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest other rows by cosine, for unit-length rows: exact (IndexFlatIP) up to 200k rows, HNSW
+    beyond, re-scored exactly."""
     import faiss
 
-    x = normalise(embeddings)
+    x = np.ascontiguousarray(unit, dtype=np.float32)
     n, dim = x.shape
     k = min(k + 1, n)
     if n <= FLAT_INDEX_LIMIT:
