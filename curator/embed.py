@@ -130,15 +130,18 @@ class EmbeddingCache:
         return self._vectors[np.asarray(rows, dtype=np.int64)].astype(np.float32)
 
 
+def _cache_dir(workspace: Path) -> Path:
+    return Path(workspace) / "cache" / "embeddings"
+
+
 def cache_for(workspace: Path, backbone: Backbone) -> EmbeddingCache:
     """The workspace's embedding cache for this backbone (weights, preprocessing and feature layout included)."""
-    return EmbeddingCache(Path(workspace) / "cache" / "embeddings", backbone.key, backbone.feature_dim,
-                          backbone.feature_layout)
+    return EmbeddingCache(_cache_dir(workspace), backbone.key, backbone.feature_dim, backbone.feature_layout)
 
 
 def open_cache(workspace: Path, key: str) -> EmbeddingCache:
     """An existing cache in `workspace` by backbone key, with its width and layout read from its metadata."""
-    directory = Path(workspace) / "cache" / "embeddings"
+    directory = _cache_dir(workspace)
     meta_path = directory / f"{key}.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"no embedding cache for {key} in {directory}; run `curator clean` first")
