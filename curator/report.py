@@ -118,17 +118,11 @@ def write_report(frame: pl.DataFrame, root: Path, workspace: Path) -> Path:
         sections.append(f"<h2>Likely mislabelled ({len(outlier_rows)}), worst first</h2>"
                         + (_paged(outlier_rows, "images") or "<p>none</p>"))
 
-    corrupt = frame.filter(pl.col("status") == "corrupt").sort("path")
-    corrupt_rows = [f'<div class="row"><div>{html.escape(r["path"])}</div>'
-                    f'<div class="reason">{html.escape(r["reason"] or "")}</div></div>'
-                    for r in corrupt.iter_rows(named=True)]
-    sections.append(f"<h2>Corrupt files ({len(corrupt_rows)})</h2>" + (_paged(corrupt_rows, "files") or "<p>none</p>"))
-
-    ignored = frame.filter(pl.col("status") == "ignored").sort("path")
-    ignored_rows = [f'<div class="row"><div>{html.escape(r["path"])}</div>'
-                    f'<div class="reason">{html.escape(r["reason"] or "")}</div></div>'
-                    for r in ignored.iter_rows(named=True)]
-    sections.append(f"<h2>Ignored files ({len(ignored_rows)})</h2>" + (_paged(ignored_rows, "files") or "<p>none</p>"))
+    for status, title in (("corrupt", "Corrupt files"), ("ignored", "Ignored files")):
+        rows = [f'<div class="row"><div>{html.escape(r["path"])}</div>'
+                f'<div class="reason">{html.escape(r["reason"] or "")}</div></div>'
+                for r in frame.filter(pl.col("status") == status).sort("path").iter_rows(named=True)]
+        sections.append(f"<h2>{title} ({len(rows)})</h2>" + (_paged(rows, "files") or "<p>none</p>"))
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>curator clean: {html.escape(str(root))}"
             f"</title><style>{_CSS}</style></head><body><h1>curator clean report</h1>"
