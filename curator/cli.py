@@ -172,6 +172,8 @@ def split(
     group_pattern: Annotated[str | None, typer.Option(
         help="Regex on the file name whose first group is the group (default: the manifest's group).")] = None,
     folds: Annotated[int | None, typer.Option(help="K grouped cross-validation folds instead of splits.")] = None,
+    groups: Annotated[bool, typer.Option(help="Keep each group in one split; --no-groups keeps only duplicate "
+                                              "clusters together (for one artist against the rest).")] = True,
     seed: Annotated[int, typer.Option(help="Seed; the same manifest and seed give the same file.")] = 0,
 ) -> None:
     """Split the cleaned images: stratified by label, no group or duplicate cluster in two splits, with a leak
@@ -184,7 +186,7 @@ def split(
         raise fail(UsageError(f"--ratios must be three numbers like 0.8,0.1,0.1; got {ratios!r}")) from None
     try:
         settings = SplitSettings(ratios=parts, balance=balance, balance_all=balance_all, group_pattern=group_pattern,
-                                 folds=folds, seed=seed)
+                                 folds=folds, seed=seed, use_groups=groups)
         result = make_splits(workspace, settings)
     except AtelierError as exc:
         raise fail(exc) from None

@@ -36,6 +36,7 @@ class SplitSettings:
     group_pattern: str | None = None
     folds: int | None = None
     seed: int = 0
+    use_groups: bool = True  # False: only duplicate clusters are kept together (e.g. one artist vs the rest)
     respect_groups: bool = True  # False only to show what the certificate catches
 
     def __post_init__(self) -> None:
@@ -194,6 +195,8 @@ def make_splits(workspace: Path, settings: SplitSettings | None = None,
                   else None for p in kept["path"].to_list()]
     else:
         groups = kept["group"].to_list()
+    if not settings.use_groups:
+        groups = [None] * len(kept)
     cache = open_cache(workspace, meta["backbone_key"])
     unit_emb = embedding_matrix(cache.get(kept["sha256"].to_list()), cache.layout)
     phash = from_hex(kept["phash"].to_list())

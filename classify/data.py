@@ -1,0 +1,204 @@
+"""What training reads: the split table of a curated workspace, and the images' pixels decoded once.
+
+A training run decodes each image once into a square of the model's resize side (the short side resized, the centre
+kept: exactly the region the model's eval transform crops from) and appends it to a pixel cache in the workspace,
+keyed by the file's sha256. Epochs, reruns and other settings read pixels from that memory-mapped file; nothing is
+decoded twice, and RAM stays bounded by the page cache rather than by the size of the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from curator import manifest
+from curator.errors import UsageError
+from curator.images import decode_bytes, read_image
+
+SPLITS = ("train", "val", "test")
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class SplitTable:
+    """The kept, labelled rows of a splits file with absolute paths, and where they came from."""
+
+    frame: pl.DataFrame  # columns: path (absolute), rel_path, label, group, sha256, split, weight
+    classes: list[str]
+    root: Path
+    workspace: Path
+    splits_path: Path
+    splits_sha256: str
+    backbone_key: str | None
+
+    def rows(self, split: str) -> pl.DataFrame:
+        return self.frame.filter(pl.col("split") == split)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_split_table(splits_path: Path, need: Sequence[str] = ("train", "val")) -> SplitTable:
+    """Read `curator split`'s output, resolve paths against the cleaned root, and check it can train a model.
+
+    Errors (one sentence each): a missing or invalid file, no `split` column (a `--folds` file), a split in `need`
+    with no rows, a class with no train rows.
+    """
+    splits_path = Path(splits_path)
+    if splits_path.is_dir():
+        splits_path = splits_path / "splits.parquet"
+    if not splits_path.is_file():
+        raise UsageError(f"no splits file at {splits_path}; run `curator split --workspace WS` first")
+    df = manifest.read(splits_path)
+    if "split" not in df.columns:
+        raise UsageError(f"{splits_path} has no `split` column (a --folds file?); run `curator split` without --folds")
+    workspace = splits_path.parent
+    meta = {}
+    if (workspace / manifest.MANIFEST_NAME).is_file():
+        meta = manifest.read_metadata(workspace / manifest.MANIFEST_NAME)
+    root = Path(meta.get("root") or workspace)
+    df = df.filter(pl.col("split").is_not_null() & pl.col("label").is_not_null() & pl.col("sha256").is_not_null())
+    if "weight" not in df.columns:
+        df = df.with_columns(pl.lit(1.0, dtype=pl.Float32).alias("weight"))
+    frame = df.select(
+        pl.col("path").map_elements(lambda p: str(root / p), return_dtype=pl.String).alias("path"),
+        pl.col("path").alias("rel_path"), "label", "group", "sha256", "split", "weight",
+    )
+    for split in need:
+        if frame.filter(pl.col("split") == split).is_empty():
+            raise UsageError(f"{splits_path} has no {split} rows; run `curator split` again (ratios put none there)")
+    classes = sorted(frame["label"].unique().to_list())
+    train_classes = set(frame.filter(pl.col("split") == "train")["label"].to_list())
+    if "train" in need and (missing := [c for c in classes if c not in train_classes]):
+        raise UsageError(f"classes with no train rows in {splits_path}: {', '.join(missing)}")
+    return SplitTable(frame, classes, root, workspace, splits_path, file_digest(splits_path),
+                      meta.get("backbone_key"))
+
+
+class PixelCache:
+    """Append-only file of (sha256, uint8 side x side x 3) records, memory-mapped for reading.
+
+    A torn last record (a run killed mid-write) is cut off on open.
+    """
+
+    def __init__(self, directory: Path, side: int):
+        self.side = side
+        self.record = np.dtype([("sha", "u1", (32,)), ("pix", "u1", (side, side, 3))])
+        self.path = Path(directory) / f"pixels-{side}.u8"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._index: dict[bytes, int] = {}
+        self._map: np.ndarray | None = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if not self.path.exists():
+            return
+        size = self.path.stat().st_size
+        whole = size // self.record.itemsize
+        if whole * self.record.itemsize != size:
+            os.truncate(self.path, whole * self.record.itemsize)
+        if whole == 0:
+            return
+        self._map = np.memmap(self.path, dtype=self.record, mode="r", shape=(whole,))
+        self._index = {sha.tobytes(): i for i, sha in enumerate(self._map["sha"])}
+
+    def __contains__(self, sha: str) -> bool:
+        return bytes.fromhex(sha) in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def append(self, shas: Sequence[str], pixels: np.ndarray) -> None:
+        records = np.empty(len(shas), dtype=self.record)
+        records["sha"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
+        records["pix"] = pixels
+        with open(self.path, "ab") as fh:
+            fh.write(records.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._refresh()
+
+    def rows(self, shas: Sequence[str]) -> np.ndarray:
+        """Record numbers of `shas` (all must be cached)."""
+        return np.array([self._index[bytes.fromhex(s)] for s in shas], dtype=np.int64)
+
+    def pixels(self, row: int) -> np.ndarray:
+        assert self._map is not None
+        return self._map["pix"][row]
+
+
+def square_pixels(path: Path, side: int, data: bytes | None = None) -> tuple[np.ndarray | None, str | None]:
+    """The image's short side resized to `side` (bicubic, antialiased) and the centre square kept; or the reason
+    it cannot be read (the same safe loader and wording as `curator clean`)."""
+    from PIL import Image
+
+    decoded = read_image(Path(path), (side, side)) if data is None else decode_bytes(Path(path), data, (side, side))
+    if not decoded.info.ok:
+        return None, decoded.info.reason or decoded.info.status
+    im = decoded.image
+    w, h = im.size
+    scale = side / min(w, h)
+    size = (max(side, round(w * scale)), max(side, round(h * scale)))
+    im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (size[0] - side) // 2, (size[1] - side) // 2
+    return np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.uint8), None
+
+
+class _SquareDataset:
+    def __init__(self, items: Sequence[tuple[str, str]], side: int):
+        self.items = list(items)
+        self.side = side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, sha = self.items[i]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            return i, sha, None, "file is missing" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc}"
+        if hashlib.sha256(data).hexdigest() != sha:
+            return i, sha, None, "file changed since `curator clean` (sha256 differs)"
+        pixels, reason = square_pixels(Path(path), self.side, data)
+        return i, sha, pixels, reason
+
+
+def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], workers: int = 1,
+                     progress: ProgressFn | None = None) -> dict[str, str]:
+    """Decode the (path, sha256) items not in `cache` yet and append them; returns {sha256: reason} of failures."""
+    from torch.utils.data import DataLoader
+
+    todo, seen = [], set()
+    failures: dict[str, str] = {}
+    for path, sha in items:
+        if not os.path.isfile(path):  # a file gone since `curator split` is not trained on, cached or not
+            failures[sha] = "file is missing"
+        elif sha not in cache and sha not in seen:
+            seen.add(sha)
+            todo.append((path, sha))
+    if progress:
+        progress(len(items) - len(todo))
+    if not todo:
+        return failures
+    loader = DataLoader(_SquareDataset(todo, cache.side), batch_size=32, num_workers=workers,
+                        collate_fn=lambda batch: batch)
+    for batch in loader:
+        good = [(sha, pix) for _, sha, pix, _ in batch if pix is not None]
+        failures.update({sha: reason for _, sha, pix, reason in batch if pix is None})
+        if good:
+            cache.append([s for s, _ in good], np.stack([p for _, p in good]))
+        if progress:
+            progress(len(batch))
+    return failures

@@ -1,0 +1,102 @@
+"""The classifier: a pretrained backbone's feature vector (pooled + style statistics) into a linear head.
+
+The head reads exactly the vector `curator` caches as an image's embedding (`curator.embed.forward_features`), so the
+stage-1 probe trains on cached embeddings in seconds and its weights start stage 2, where the backbone's last blocks
+are fine-tuned with the head ("linear probe, then fine-tune": the head does not wreck the pretrained features with
+random gradients in the first steps).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from curator.backbones import Backbone
+from curator.embed import forward_features
+
+
+class FeatureHead(nn.Module):
+    """Standardise the feature vector with the train split's statistics, dropout, then one linear layer."""
+
+    def __init__(self, dim: int, classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, classes)
+
+    def set_statistics(self, features: torch.Tensor) -> None:
+        self.mean.copy_(features.mean(dim=0))
+        self.std.copy_(features.std(dim=0).clamp_min(1e-6))
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features.float() - self.mean) / self.std
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.standardise(features)))
+
+
+class Classifier(nn.Module):
+    """Backbone + head. `forward` takes uint8 NCHW pixels (already cropped to the model's input size)."""
+
+    def __init__(self, backbone: Backbone, classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.backbone = backbone
+        self.net = backbone.model
+        self.head = FeatureHead(backbone.feature_dim, classes, dropout)
+        mean = torch.tensor(backbone.data_config["mean"]).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(backbone.data_config["std"]).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.float() - self.pixel_mean) / self.pixel_std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return forward_features(self.backbone, self.normalise(pixels))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels))
+
+
+def block_sequence(model: nn.Module) -> tuple[str, nn.Sequential | nn.ModuleList] | None:
+    """The model's main sequence of blocks/stages (timm names it blocks, stages or layers), if it has one."""
+    for name in ("blocks", "stages", "layers"):
+        seq = getattr(model, name, None)
+        if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq) > 0:
+            return name, seq
+    return None
+
+
+def set_trainable(model: nn.Module, unfreeze: int) -> list[nn.Module]:
+    """Freeze the backbone except its last `unfreeze` blocks and every top-level module after the block sequence
+    (final conv, norm, pooling); returns the trainable modules. `unfreeze=0` freezes everything."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if unfreeze <= 0:
+        return []
+    found = block_sequence(model)
+    if found is None:
+        modules = [model]
+    else:
+        name, seq = found
+        modules = list(seq[max(0, len(seq) - unfreeze):])
+        after = False
+        for child_name, child in model.named_children():
+            if after:
+                modules.append(child)
+            after = after or child_name == name
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return modules
+
+
+def set_train_mode(classifier: Classifier, trainable: list[nn.Module]) -> None:
+    """Train mode for the head and the unfrozen modules only: frozen blocks keep their ImageNet batch-norm
+    statistics instead of drifting towards a small batch's."""
+    classifier.eval()
+    classifier.head.train()
+    for module in trainable:
+        module.train()

