@@ -198,6 +198,50 @@ def evaluate(
         console.print(f"{name}: {path}")
 
 
+@app.command("dir")
+def classify_directory(
+    directory: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Output Parquet file, one row per file.")],
+    model: Annotated[Path | None, typer.Option(help="Run folder of `classify train` (default: the backbone's "
+                                                    "ImageNet-1k classes).")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone when no --model is given.")] = "efficientnet_lite0",
+    weights: Annotated[Path | None, typer.Option(help="Weights file for --backbone.")] = None,
+    top_k: Annotated[int, typer.Option(help="How many labels and scores per row.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 64,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores - 1).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 (native CPUs only), "
+                                            "fp16.")] = "auto",
+    embeddings: Annotated[bool, typer.Option(help="Also store each image's feature vector.")] = False,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted run (or reuse a finished one).")] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile the model first (worth it on GPUs).")] = False,
+) -> None:
+    """Classify every file under DIRECTORY into a Parquet file: label, confidence, top-k, error per file.
+
+    Streaming with bounded memory; rows are flushed every 2,048 files, so an interrupted run keeps them and
+    --resume finishes the rest with no row lost or repeated.
+    """
+    from classify.predict import PredictSettings, classify_dir
+
+    try:
+        settings = PredictSettings(
+            model=str(model) if model else None, backbone=backbone, weights=str(weights) if weights else None,
+            top_k=top_k, batch_size=batch_size, workers=workers, device=device, dtype=dtype, embeddings=embeddings,
+            resume=resume, compile=compile, flush_every=batch_size * max(1, 2048 // batch_size))
+        with progress_bar() as bar:
+            result = classify_dir(directory, out, settings, EpochDisplay(bar))
+    except AtelierError as exc:
+        raise fail(exc) from None
+    table = Table(title="classify dir")
+    for column in ("files", "classified", "errors", "resumed", "images/s", "device"):
+        table.add_column(column, justify="right")
+    table.add_row(str(result.files), str(result.predicted), str(result.errors), str(result.resumed_rows),
+                  f"{result.images_per_second:.1f}", f"{result.runtime.device} {result.runtime.dtype}")
+    console.print(table)
+    console.print(f"model: {escape(result.model)}")
+    console.print(f"predictions: {result.out}")
+
+
 def main() -> None:
     app()
 

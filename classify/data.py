@@ -138,21 +138,25 @@ class PixelCache:
         return self._map["pix"][row]
 
 
-def square_pixels(path: Path, side: int, data: bytes | None = None) -> tuple[np.ndarray | None, str | None]:
-    """The image's short side resized to `side` (bicubic, antialiased) and the centre square kept; or the reason
-    it cannot be read (the same safe loader and wording as `curator clean`)."""
+def square_from_image(image, side: int) -> np.ndarray:
+    """An RGB PIL image's short side resized to `side` (bicubic, antialiased) and its centre square, as uint8 HWC."""
     from PIL import Image
 
+    w, h = image.size
+    scale = side / min(w, h)
+    size = (max(side, round(w * scale)), max(side, round(h * scale)))
+    im = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (size[0] - side) // 2, (size[1] - side) // 2
+    return np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.uint8)
+
+
+def square_pixels(path: Path, side: int, data: bytes | None = None) -> tuple[np.ndarray | None, str | None]:
+    """`square_from_image` of the file, or the reason it cannot be read (the same safe loader and wording as
+    `curator clean`)."""
     decoded = read_image(Path(path), (side, side)) if data is None else decode_bytes(Path(path), data, (side, side))
     if not decoded.info.ok:
         return None, decoded.info.reason or decoded.info.status
-    im = decoded.image
-    w, h = im.size
-    scale = side / min(w, h)
-    size = (max(side, round(w * scale)), max(side, round(h * scale)))
-    im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-    left, top = (size[0] - side) // 2, (size[1] - side) // 2
-    return np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.uint8), None
+    return square_from_image(decoded.image, side), None
 
 
 class _SquareDataset:

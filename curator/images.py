@@ -13,7 +13,7 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +103,44 @@ def scan(root: Path, exclude: Iterable[Path] = ()) -> list[Path]:
             found.append(Path(dirpath) / name)
     found.sort(key=lambda p: natural_key(p.relative_to(root).as_posix()))
     return found
+
+
+def iter_files(root: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:
+    """Every file under `root`, lazily, in natural order of each folder's entries (folders sorted as `name/`, so
+    the order matches `scan`'s for ordinary names); symlinked folders followed once, loops cut.
+
+    Memory is bounded by the largest single folder, not by the tree.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+    excluded = {os.path.realpath(p) for p in exclude}
+    seen: set[str] = set()
+
+    def walk(folder: Path) -> Iterator[Path]:
+        real = os.path.realpath(folder)
+        if real in seen or real in excluded:
+            return
+        seen.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        keyed = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            keyed.append((natural_key(entry.name + ("/" if is_dir else "")), is_dir, entry.name))
+        keyed.sort()
+        for _, is_dir, name in keyed:
+            if is_dir:
+                yield from walk(folder / name)
+            else:
+                yield folder / name
+
+    yield from walk(root)
 
 
 def _sniff(head: bytes) -> str | None:
