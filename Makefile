@@ -16,6 +16,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/classify models --load
 	$(VENV)/bin/curator clean data/sample --out $(WORKSPACE) --group-pattern '^([^_]+)_' --export demo/clean-set
 	$(VENV)/bin/curator split --workspace $(WORKSPACE)
+	$(VENV)/bin/classify train --splits $(WORKSPACE)/splits.parquet --out demo/runs/styles
+	$(VENV)/bin/classify eval --model demo/runs/styles
+	rm -rf demo/predictions.parquet demo/predictions.parquet.parts
+	$(VENV)/bin/classify dir data/sample --out demo/predictions.parquet --model demo/runs/styles
 	@echo
 	@echo "Reports:"
 	@echo "  report:    $(WORKSPACE)/report.html"
@@ -23,6 +27,9 @@ demo: $(VENV)/.installed
 	@echo "  settings:  $(WORKSPACE)/settings.json"
 	@echo "  splits:    $(WORKSPACE)/splits.parquet, $(WORKSPACE)/split_report.json"
 	@echo "  clean set: demo/clean-set/"
+	@echo "  model:     demo/runs/styles/model.safetensors, model.json, history.csv"
+	@echo "  eval:      demo/runs/styles/eval-test/metrics.json, confusion_matrix.png, curves.png, errors.html"
+	@echo "  dir:       demo/predictions.parquet"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
