@@ -191,7 +191,7 @@ def phone_capture(image, rng: np.random.Generator):
     return Image.open(buf).convert("RGB")
 
 
-def dann(ws: Path, results: dict) -> None:
+def dann(ws: Path, results: dict, epochs: int) -> None:
     from PIL import Image
 
     table = read_split_table(ws / "splits.parquet")
@@ -206,8 +206,9 @@ def dann(ws: Path, results: dict) -> None:
                                                               quality=92)
         tmp.rename(target)
     t = time.perf_counter()
-    r = train(ws / "splits.parquet", OUT / "runs" / "wikiart-dann", replace(TrainSettings(), target_dir=str(target)))
-    say(results, "DANN on phone captures of the test artists", {**r.target,
+    r = train(ws / "splits.parquet", OUT / "runs" / "wikiart-dann",
+              replace(TrainSettings(), target_dir=str(target), epochs=epochs))
+    say(results, f"DANN on phone captures of the test artists ({epochs} epochs)", {**r.target,
                                                                  "seconds_both_runs": round(time.perf_counter() - t, 1)})
 
 
@@ -217,16 +218,20 @@ def main() -> None:
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--skip-dann", action="store_true")
     parser.add_argument("--skip-ovr", action="store_true")
+    parser.add_argument("--skip-probes", action="store_true")
+    parser.add_argument("--dann-epochs", type=int, default=10)
     args = parser.parse_args()
     results: dict = {"cpu": Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(": "),
                      "threads": torch.get_num_threads()}
-    probe_probs = probes(args.workspace, results)
+    if (OUT / "accuracy.json").is_file():
+        results.update(json.loads((OUT / "accuracy.json").read_text()))
+    probe_probs = {} if args.skip_probes else probes(args.workspace, results)
     if not args.skip_finetune:
         finetune(args.workspace, results, probe_probs)
     if not args.skip_ovr:
         one_vs_rest(args.workspace, results)
     if not args.skip_dann:
-        dann(args.workspace, results)
+        dann(args.workspace, results, args.dann_epochs)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,14 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict = {"cpu": Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(": "),
                      "cores": os.cpu_count()}
+    if args.repeats:
+        compare(args, results)
+    if args.scale:
+        scale(args, results)
+    (OUT / "result.json").write_text(json.dumps(results, indent=2))
+
+
+def compare(args, results: dict) -> None:
     tree = make_tree(args.data, OUT / f"tree-{args.images}", args.images)
     runs = {"ours": [], "reference": []}
     for i in range(args.repeats):
@@ -138,16 +146,17 @@ def main() -> None:
     results["runs"] = runs
     print(f"ours {med['ours']:.1f} vs reference {med['reference']:.1f} images/s: {results['speedup']:.2f}x; "
           f"top-1 agreement {results['top1_agreement']:.4f}", flush=True)
-    if args.scale:
-        results["scale"] = {}
-        for n in (int(x) for x in args.scale.split(",")):
-            t = make_tree(args.data, OUT / f"scale-{n}", n)
-            r = spawn("ours", t, OUT / f"scale-{n}.parquet")
-            results["scale"][n] = r
-            print(f"scale {n}: {r['images_per_second']:.1f} images/s, peak RSS {r['peak_rss_mb']:.0f} MB main, "
-                  f"{r['peak_child_rss_mb']:.0f} MB largest worker", flush=True)
-            (OUT / f"scale-{n}.parquet").unlink(missing_ok=True)
-    (OUT / "result.json").write_text(json.dumps(results, indent=2))
+
+
+def scale(args, results: dict) -> None:
+    results["scale"] = {}
+    for n in (int(x) for x in args.scale.split(",")):
+        t = make_tree(args.data, OUT / f"scale-{n}", n)
+        r = spawn("ours", t, OUT / f"scale-{n}.parquet")
+        results["scale"][n] = r
+        print(f"scale {n}: {r['images_per_second']:.1f} images/s, peak RSS {r['peak_rss_mb']:.0f} MB main, "
+              f"{r['peak_child_rss_mb']:.0f} MB largest worker", flush=True)
+        (OUT / f"scale-{n}.parquet").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -130,3 +130,13 @@ def test_cli_dir(small_tree, tmp_path):
     assert pl.read_parquet(out).height == 8 and "predictions" in res.output
     res = runner.invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0"])
     assert res.exit_code == 2 and "exists" in res.output and "Traceback" not in res.output
+
+
+def test_cuda_asked_for_without_a_gpu_is_a_clear_error(small_tree, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="no CUDA device"):
+        classify_dir(small_tree, tmp_path / "p.parquet", PredictSettings(device="cuda", workers=0))
+    assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "p.parquet.parts").exists()
