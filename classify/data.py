@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from curator import manifest
+from curator.embed import whole_records
 from curator.errors import UsageError
 from curator.images import decode_bytes, read_image
 
@@ -104,10 +105,7 @@ class PixelCache:
     def _refresh(self) -> None:
         if not self.path.exists():
             return
-        size = self.path.stat().st_size
-        whole = size // self.record.itemsize
-        if whole * self.record.itemsize != size:
-            os.truncate(self.path, whole * self.record.itemsize)
+        whole = whole_records(self.path, self.record.itemsize)
         if whole == 0:
             return
         self._map = np.memmap(self.path, dtype=self.record, mode="r", shape=(whole,))

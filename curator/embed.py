@@ -64,6 +64,16 @@ def preprocess_for(data_config: dict) -> Preprocess:
     return Preprocess(transforms.Compose(steps), (side, side), tuple(data_config["mean"]), tuple(data_config["std"]))
 
 
+def whole_records(path: Path, itemsize: int) -> int:
+    """How many whole fixed-size records an append-only file holds; a torn last record (a run killed mid-write) is
+    cut off, so appending resumes cleanly."""
+    size = Path(path).stat().st_size
+    whole = size // itemsize
+    if whole * itemsize != size:
+        os.truncate(path, whole * itemsize)
+    return whole
+
+
 class EmbeddingCache:
     """Append-only store of (sha256 of file bytes, float16 feature) records for one backbone key.
 
@@ -88,10 +98,7 @@ class EmbeddingCache:
     def _load(self) -> None:
         if not self.path.exists():
             return
-        size = self.path.stat().st_size
-        whole = size // self.record.itemsize
-        if whole * self.record.itemsize != size:
-            os.truncate(self.path, whole * self.record.itemsize)
+        whole = whole_records(self.path, self.record.itemsize)
         records = np.fromfile(self.path, dtype=self.record, count=whole)
         self._vectors = records["vec"]
         self._index = {sha.tobytes(): i for i, sha in enumerate(records["sha"])}
