@@ -21,6 +21,7 @@ from curator.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_file
 from curator.errors import ManifestError, UsageError
 from curator.hashing import Fingerprint, to_hex
 from curator.images import STATUS_OK, FileInfo, looks_like_image, scan
+from curator.ingest import CATALOG_NAME, JOURNAL_NAME, read_catalog
 from curator.mislabels import MislabelSettings, apply_mislabels
 from curator.report import write_report
 from curator.runtime import Runtime, select_runtime
@@ -128,6 +129,17 @@ def build_manifest(root: Path, infos: Sequence[FileInfo], fingerprints: Sequence
     return manifest.validate(pl.DataFrame(rows, schema=manifest.schema()))
 
 
+def with_provenance(frame: pl.DataFrame, catalog: pl.DataFrame, prefer_pattern: bool = False) -> pl.DataFrame:
+    """Provenance from an ingest's catalog, by path: `source`, `source_id`, and the artist as `group` (unless a
+    --group-pattern was given, which then wins)."""
+    ok = catalog.filter((pl.col("status") == "ok") & pl.col("path").is_not_null()).unique("path", keep="last")
+    joined = frame.join(ok.select("path", pl.col("group").alias("_cat_group"), "source", "source_id"),
+                        on="path", how="left")
+    group = (pl.coalesce("group", "_cat_group") if prefer_pattern else pl.coalesce("_cat_group", "group"))
+    joined = joined.with_columns(group.alias("group")).drop("_cat_group")
+    return manifest.validate(joined.select([*frame.columns, "source", "source_id"]))
+
+
 def _known_verdicts(root: Path, workspace: Path) -> dict[str, tuple[FileInfo, Fingerprint | None]]:
     """Verdicts and fingerprints from the workspace's previous manifest, by content hash, so that unchanged files
     are not decoded again."""
@@ -165,7 +177,9 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    paths = scan(root, exclude=[workspace])
+    catalog = read_catalog(root)
+    paths = [p for p in scan(root, exclude=[workspace]) if catalog is None or p.parent != root
+             or p.name not in (CATALOG_NAME, JOURNAL_NAME)]
     timings["scan"] = time.perf_counter() - t0
     if not paths:
         raise UsageError(f"root folder {root} is empty: no files to clean")
@@ -184,6 +198,8 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     timings["integrity_and_embeddings"] = report.seconds
     timings["model"] = report.model_seconds
     frame = build_manifest(root, report.infos, report.fingerprints, pattern)
+    if catalog is not None:
+        frame = with_provenance(frame, catalog, prefer_pattern=pattern is not None)
     t0 = time.perf_counter()
     ok = (frame["status"] == STATUS_OK).to_numpy()
     ok_shas = frame.filter(pl.Series(ok))["sha256"].to_list()

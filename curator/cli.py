@@ -245,6 +245,198 @@ def print_clean_summary(result) -> None:
     console.print(f"report:   [bold]{result.report_path}[/]")
 
 
+ingest_app = typer.Typer(help="Fetch images into a class-folder tree with catalog.parquet (provenance per image).",
+                         no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+OutOpt = Annotated[Path, typer.Option("--out", help="The tree to fill: OUT/<label>/<file> and OUT/catalog.parquet.")]
+RateOpt = Annotated[float, typer.Option(help="Requests per second over all connections.")]
+ConcOpt = Annotated[int, typer.Option(help="Downloads at once.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds before a request times out.")]
+RetriesOpt = Annotated[int, typer.Option(help="Retries on 429, 5xx and broken connections (exponential backoff "
+                                              "with jitter; Retry-After honoured).")]
+MaxBytesOpt = Annotated[int, typer.Option(help="Largest response accepted, in bytes.")]
+AgentOpt = Annotated[str | None, typer.Option(help="User-Agent header (default: atelier's, naming the tool).")]
+
+
+class IngestDisplay:
+    """Per-source progress: pages listed, images placed, bytes, failures."""
+
+    def __init__(self, bar, source: str):
+        self.bar = bar
+        self.source = source
+        self.pages = self.images = self.failed = self.skipped = 0
+        self.bytes = 0
+        self.task = bar.add_task(self._text(), total=None)
+
+    def _text(self) -> str:
+        return (f"{self.source}: {self.pages} pages, {self.images} images, {self.bytes / 1e6:.1f} MB, "
+                f"{self.skipped} already there, {self.failed} failed")
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "page":
+            self.pages += 1
+        elif kind == "item":
+            if info["status"] == "ok":
+                self.images += 1
+                self.bytes += info.get("bytes", 0)
+            elif info["status"] == "skipped":
+                self.skipped += 1
+            else:
+                self.failed += 1
+            self.bar.advance(self.task, 1)
+        elif kind == "listing_failed":
+            self.bar.console.print(f"[yellow]listing failed:[/] {escape_text(info['error'])}")
+        self.bar.update(self.task, description=self._text())
+
+
+def escape_text(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _run_ingest(source: str, make_items, out: Path, fetch: dict | None, link: bool = True) -> None:
+    from curator.fetch import FetchSettings, PoliteClient
+    from curator.ingest import run_ingest
+
+    try:
+        settings = FetchSettings(**(fetch or {}))
+        with PoliteClient(settings) as client, progress_bar() as bar:
+            display = IngestDisplay(bar, source)
+            result = run_ingest(make_items(client, display), out, client, concurrency=settings.concurrency,
+                                link=link, events=display)
+    except AtelierError as exc:
+        raise fail(exc) from None
+    table = Table(title=f"ingest {source} -> {out}")
+    table.add_column("label")
+    table.add_column("images added", justify="right")
+    for label, n in sorted(result.by_label.items()):
+        table.add_row(escape_text(label or "(none)"), str(n))
+    console.print(table)
+    console.print(f"added {result.added}, already there {result.skipped}, failed {result.failed}; "
+                  f"{result.bytes / 1e6:.1f} MB downloaded")
+    for reason, n in sorted(result.failures.items(), key=lambda kv: -kv[1]):
+        console.print(f"  failed x{n}: {escape_text(reason)}")
+    console.print(f"catalog: [bold]{result.catalog}[/]")
+
+
+def _fetch_opts(rate, concurrency, timeout, retries, max_bytes, user_agent) -> dict:
+    opts = {"rate": rate, "concurrency": concurrency, "timeout": timeout, "retries": retries, "max_bytes": max_bytes}
+    if user_agent:
+        opts["user_agent"] = user_agent
+    return opts
+
+
+@ingest_app.command("wikiart")
+def ingest_wikiart(
+    out: OutOpt,
+    style: Annotated[list[str] | None, typer.Option(help="A style, e.g. Impressionism (repeatable).")] = None,
+    genre: Annotated[list[str] | None, typer.Option(help="A genre, e.g. portrait (repeatable).")] = None,
+    artist: Annotated[list[str] | None, typer.Option(help="An artist URL name, e.g. claude-monet (repeatable).")]
+    = None,
+    artist_id: Annotated[list[str] | None, typer.Option(help="v2 API: an artist id (repeatable).")] = None,
+    search: Annotated[list[str] | None, typer.Option(help="v2 API: a search term (repeatable).")] = None,
+    limit_per_class: Annotated[int | None, typer.Option(help="At most this many images per style/genre/artist.")]
+    = None,
+    size: Annotated[str, typer.Option(help="Image variant: Large, Blog, PinterestLarge, PinterestSmall, HalfHD or "
+                                           "original.")] = "Large",
+    base_url: Annotated[str, typer.Option(help="WikiArt base URL (mirrors, tests).")] = "https://www.wikiart.org",
+    image_base_url: Annotated[str | None, typer.Option(help="Fetch image paths from this base instead of "
+                                                            "WikiArt's upload hosts.")] = None,
+    rate: RateOpt = 2.0, concurrency: ConcOpt = 4, timeout: TimeoutOpt = 30.0, retries: RetriesOpt = 4,
+    max_bytes: MaxBytesOpt = 50_000_000, user_agent: AgentOpt = None,
+) -> None:
+    """WikiArt by style, genre or artist (the site's JSON listings), or the v2 API (keys from WIKIART_ACCESS_KEY and
+    WIKIART_SECRET_KEY when set)."""
+    from curator.sources import WikiArtQuery, wikiart_items
+
+    try:
+        query = WikiArtQuery(tuple(style or ()), tuple(genre or ()), tuple(artist or ()), tuple(artist_id or ()),
+                             tuple(search or ()), limit_per_class, size, base_url, image_base_url)
+    except AtelierError as exc:
+        raise fail(exc) from None
+    _run_ingest("wikiart", lambda client, note: wikiart_items(client, query, note), out,
+                _fetch_opts(rate, concurrency, timeout, retries, max_bytes, user_agent))
+
+
+@ingest_app.command("pixiv")
+def ingest_pixiv(
+    out: OutOpt,
+    ranking: Annotated[str | None, typer.Option(help="Ranking mode: day, week, month, ...")] = None,
+    date: Annotated[str | None, typer.Option(help="Ranking date, YYYY-MM-DD.")] = None,
+    user: Annotated[str | None, typer.Option(help="A user id: that artist's works.")] = None,
+    tag: Annotated[str | None, typer.Option(help="A tag search.")] = None,
+    label_by: Annotated[str, typer.Option(help="Folder per artist (user) or per tag.")] = "artist",
+    allow_r18: Annotated[bool, typer.Option(help="Also fetch R-18 works (skipped by default).")] = False,
+    limit: Annotated[int | None, typer.Option(help="At most this many works.")] = None,
+    base_url: Annotated[str, typer.Option(help="App API base URL (tests, mirrors).")] = "https://app-api.pixiv.net",
+    oauth_url: Annotated[str, typer.Option(help="OAuth base URL.")] = "https://oauth.secure.pixiv.net",
+    image_base_url: Annotated[str | None, typer.Option(help="Fetch i.pximg.net paths from this base instead.")]
+    = None,
+    rate: RateOpt = 1.0, concurrency: ConcOpt = 2, timeout: TimeoutOpt = 30.0, retries: RetriesOpt = 4,
+    max_bytes: MaxBytesOpt = 50_000_000, user_agent: AgentOpt = None,
+) -> None:
+    """Pixiv through the app API (OAuth refresh token in PIXIV_REFRESH_TOKEN): a ranking, a user's works or a tag
+    search; multi-page works as one image per page; downloads send the Referer Pixiv's servers require."""
+    import os
+
+    from curator.sources import PixivQuery, pixiv_items
+
+    try:
+        query = PixivQuery(ranking, date, user, tag, label_by, allow_r18, limit, base_url, oauth_url,
+                           image_base_url)
+    except AtelierError as exc:
+        raise fail(exc) from None
+    token = os.environ.get("PIXIV_REFRESH_TOKEN")
+    _run_ingest("pixiv", lambda client, note: pixiv_items(client, query, token, note), out,
+                _fetch_opts(rate, concurrency, timeout, retries, max_bytes, user_agent))
+
+
+@ingest_app.command("folder")
+def ingest_folder(
+    directory: Annotated[Path, typer.Argument(help="Class folders: DIR/<label>/<images>.")],
+    out: OutOpt,
+    group_pattern: Annotated[str | None, typer.Option(help="Regex on the file name; its first group is the artist.")]
+    = None,
+    link: Annotated[bool, typer.Option(help="Hard-link where possible (--no-link: always copy). Never moves.")]
+    = True,
+) -> None:
+    """Artist or class folders as they are, copied or hard-linked (never moved), verified by the safe loader."""
+    from curator.sources import folder_items
+
+    _run_ingest("folder", lambda client, note: folder_items(directory, group_pattern), out, None, link)
+
+
+@ingest_app.command("artgan")
+def ingest_artgan(
+    directory: Annotated[Path, typer.Argument(help="The dump's image folder (Style/artist_title.jpg ...).")],
+    out: OutOpt,
+    csv_file: Annotated[Path, typer.Option("--csv", help="A split CSV, e.g. style_train.csv.")],
+    classes: Annotated[Path | None, typer.Option(help="Class names, lines 'id Name' (default: style_class.txt "
+                                                      "beside the CSV).")] = None,
+    link: Annotated[bool, typer.Option(help="Hard-link where possible (--no-link: always copy).")] = True,
+) -> None:
+    """The ArtGAN WikiArt dump: CSV lines `Style/artist_title.jpg,class_id`; the artist is the name before '_'."""
+    from curator.sources import artgan_items
+
+    _run_ingest("artgan", lambda client, note: artgan_items(directory, csv_file, classes), out, None, link)
+
+
+@ingest_app.command("parquet")
+def ingest_parquet(
+    file: Annotated[Path, typer.Argument(help="Parquet with image bytes (e.g. huggan/wikiart's layout).")],
+    out: OutOpt,
+    label_column: Annotated[str, typer.Option(help="Column whose (class) values are the labels.")] = "style",
+    image_column: Annotated[str, typer.Option(help="Column with the image (struct with bytes, or bytes).")]
+    = "image",
+) -> None:
+    """Hugging Face-style parquet: image bytes and class-id columns named by the file's metadata."""
+    from curator.sources import parquet_items
+
+    _run_ingest("parquet", lambda client, note: parquet_items(file, label_column, image_column), out, None)
+
+
 def main() -> None:
     app()
 

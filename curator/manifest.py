@@ -51,6 +51,9 @@ CORE: dict[str, Column] = {
 
 # Column groups added by later stages. They are validated for type whenever present.
 OPTIONAL: dict[str, Column] = {
+    # curator.ingest: provenance from OUT/catalog.parquet when the cleaned root was filled by `curator ingest`
+    "source": Column(pl.String, "where the image came from (wikiart, pixiv, folder, artgan, parquet)"),
+    "source_id": Column(pl.String, "the image's id at its source (WikiArt contentId, Pixiv id_pN, CSV path, ...)"),
     # curator.duplicates: one group per stage (exact, phash, embedding); scores in [0, 1], lower is worse
     "is_exact_issue": Column(pl.Boolean, "same bytes or same decoded pixels as another ok row"),
     "exact_score": Column(pl.Float32, "0 when the row has an exact copy, else 1"),
