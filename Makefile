@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/classify models --load
-	$(VENV)/bin/curator clean data/sample --out $(WORKSPACE) --group-pattern '^([^_]+)_' --export demo/clean-set
+	$(VENV)/bin/curator ingest folder data/sample --out demo/raw --group-pattern '^([^_]+)_'
+	$(VENV)/bin/curator clean demo/raw --out $(WORKSPACE) --export demo/clean-set
 	$(VENV)/bin/curator split --workspace $(WORKSPACE)
 	$(VENV)/bin/classify train --splits $(WORKSPACE)/splits.parquet --out demo/runs/styles
 	$(VENV)/bin/classify eval --model demo/runs/styles
@@ -22,6 +23,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/classify dir data/sample --out demo/predictions.parquet --model demo/runs/styles
 	@echo
 	@echo "Reports:"
+	@echo "  ingest:    demo/raw/catalog.parquet"
 	@echo "  report:    $(WORKSPACE)/report.html"
 	@echo "  manifest:  $(WORKSPACE)/manifest.parquet"
 	@echo "  settings:  $(WORKSPACE)/settings.json"
