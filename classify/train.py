@@ -30,7 +30,7 @@ from torch import nn
 from classify import checkpoint
 from classify.data import PixelCache, SplitTable, fill_pixel_cache, read_split_table
 from classify.model import Classifier, set_train_mode, set_trainable
-from curator.backbones import DEFAULT_BACKBONE, load_backbone
+from curator.backbones import TRAIN_BACKBONE, load_backbone
 from curator.embed import EmbeddingCache, cache_for, default_workers
 from curator.errors import UsageError
 from curator.runtime import Runtime, configure_allocator, select_runtime
@@ -42,7 +42,7 @@ Event = Callable[[str, dict], None]
 class TrainSettings:
     """Everything that decides the model; written into model.json."""
 
-    model: str = DEFAULT_BACKBONE
+    model: str = TRAIN_BACKBONE
     weights: str | None = None
     epochs: int = 10
     unfreeze: int = 2

@@ -14,7 +14,8 @@ from classify.train import TrainSettings, train
 from curator.errors import UsageError
 from tests.conftest import SAMPLE
 
-FAST = dict(epochs=1, unfreeze=1, batch_size=16, workers=0, probe_l2=(1e-2,), probe_steps=50)
+FAST = dict(model="efficientnet_lite0", epochs=1, unfreeze=1, batch_size=16, workers=0, probe_l2=(1e-2,),
+            probe_steps=50)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_cli_train_then_eval(sample_ws, tmp_path):
     runner = CliRunner()
     run_dir = tmp_path / "cli-run"
     res = runner.invoke(app, ["train", "--splits", str(sample_ws / "splits.parquet"), "--out", str(run_dir),
-                              "--epochs", "0", "--workers", "0"])
+                              "--epochs", "0", "--workers", "0", "--model", "efficientnet_lite0"])
     assert res.exit_code == 0, res.output
     assert "best epoch 0" in res.output.replace("\n", " ") and "where the time went" in res.output
     res = runner.invoke(app, ["eval", "--model", str(run_dir), "--workers", "0"])

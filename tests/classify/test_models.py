@@ -10,6 +10,15 @@ def test_default_backbone_is_installed_and_described():
     rows = {row.name: row for row in describe_backbones(load=True)}
     lite0 = rows["efficientnet_lite0"]
     assert lite0.installed and lite0.input_size == "224x224" and lite0.feature_dim == 2304
+    lite2 = rows["efficientnet_lite2"]  # `classify train`'s default: installed with atelier, offline
+    assert lite2.installed and lite2.input_size == "260x260"
+
+
+def test_training_defaults_to_an_installed_offline_backbone():
+    from classify.train import TrainSettings
+    from curator.backbones import REGISTRY
+
+    assert TrainSettings().model in REGISTRY
 
 
 def test_cli_models_lists_offline_backbones():

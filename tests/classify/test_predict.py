@@ -110,7 +110,7 @@ def test_existing_output_is_an_error_not_an_overwrite(tmp_path, small_tree):
 
 def test_model_checkpoint_class_names_and_embedding_width(sample_ws, small_tree, tmp_path):
     run = train(sample_ws / "splits.parquet", tmp_path / "run",
-                TrainSettings(epochs=0, workers=0, probe_l2=(1e-2,), probe_steps=50))
+                TrainSettings(model="efficientnet_lite0", epochs=0, workers=0, probe_l2=(1e-2,), probe_steps=50))
     result = classify_dir(small_tree, tmp_path / "p.parquet",
                           PredictSettings(model=str(run.run_dir), workers=0, embeddings=True, top_k=3))
     df = pl.read_parquet(result.out)

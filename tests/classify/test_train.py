@@ -14,7 +14,8 @@ from classify.train import TrainSettings, choose_threshold, class_weights, train
 from curator import manifest
 from curator.errors import UsageError
 
-FAST = dict(epochs=1, unfreeze=1, batch_size=16, workers=0, probe_l2=(1e-2,), probe_steps=50)
+FAST = dict(model="efficientnet_lite0", epochs=1, unfreeze=1, batch_size=16, workers=0, probe_l2=(1e-2,),
+            probe_steps=50)
 
 
 @pytest.fixture(scope="module")
