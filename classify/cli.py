@@ -92,8 +92,8 @@ def train(
     weights: Annotated[Path | None, typer.Option(help="Weights file for the backbone (safetensors or state dict).")]
     = None,
     epochs: Annotated[int, typer.Option(help="Stage-2 fine-tuning epochs; 0: the stage-1 linear probe only. On by "
-                                             "default, and the probe is kept when val says stage 2 did not help. On "
-                                             "wikiart-dev it raised val accuracy 0.65 -> 0.70 but not artist-"
+                                             "default, and the probe is kept when val says stage 2 did not help. With "
+                                             "Lite0 on wikiart-dev it raised val accuracy 0.65 -> 0.70 but not artist-"
                                              "disjoint test accuracy (0.45 vs the probe's 0.48) and took 10 min "
                                              "on 2 CPU cores (docs/BENCHMARKS.md): use --epochs 0 for a "
                                              "seconds-long probe.")] = 10,
