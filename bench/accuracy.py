@@ -31,6 +31,7 @@ from curator.embed import open_cache, select_parts
 from curator.splits import SplitSettings, make_splits
 
 OUT = Path("bench/out")
+LITE0 = "efficientnet_lite0"  # the numbers in docs/BENCHMARKS.md were measured on Lite0 (Lite2 rows: see there)
 
 
 def say(results: dict, key: str, value) -> None:
@@ -100,7 +101,7 @@ def probes(ws: Path, results: dict) -> dict[str, np.ndarray]:
 def finetune(ws: Path, results: dict, probe_probs: dict[str, np.ndarray]) -> Path:
     run = OUT / "runs" / "wikiart-finetune"
     t = time.perf_counter()
-    r = train(ws / "splits.parquet", run, TrainSettings())
+    r = train(ws / "splits.parquet", run, TrainSettings(model=LITE0, epochs=10))
     wall = time.perf_counter() - t
     say(results, "fine-tune timings", {k: round(v, 1) for k, v in r.timings.items()})
     m = evaluate(run, workers=1).metrics
@@ -120,14 +121,14 @@ def finetune(ws: Path, results: dict, probe_probs: dict[str, np.ndarray]) -> Pat
     # ensemble: fine-tuned probabilities (flip TTA) averaged with the stage-1 probe's on pooled+stats
     from classify import checkpoint
     from classify.data import PixelCache
-    from classify.train import _Crops, predict_pixels
+    from classify.train import Crops, predict_pixels
     from curator.runtime import select_runtime
 
     table = read_split_table(ws / "splits.parquet")
     loaded = checkpoint.load(run)
     pixels = PixelCache(ws / "cache" / "pixels", loaded.meta["preprocessing"]["resize_side"])
     test = table.rows("test")
-    loader = torch.utils.data.DataLoader(_Crops(pixels, pixels.rows(test["sha256"].to_list()), 224, None),
+    loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(test["sha256"].to_list()), 224, None),
                                          batch_size=64)
     ft_probs, _ = predict_pixels(loaded.classifier, loader, select_runtime(), True)
     idx = {c: i for i, c in enumerate(loaded.classes)}
@@ -153,8 +154,8 @@ def one_vs_rest(ws: Path, results: dict) -> None:
         for epochs in (0,):
             t = time.perf_counter()
             run = OUT / "runs" / f"ovr-{artist}-e{epochs}"
-            r = train(mixed / "splits.parquet", run, TrainSettings(positive=artist, positive_column="group",
-                                                                   epochs=epochs))
+            r = train(mixed / "splits.parquet", run, TrainSettings(model=LITE0, positive=artist,
+                                                                   positive_column="group", epochs=epochs))
             m = evaluate(run, workers=1).metrics
             say(results, f"one-vs-rest {artist} (epochs {epochs}) test",
                 {"works": int(counts.filter(pl.col("group") == artist)["len"][0]),
@@ -207,7 +208,7 @@ def dann(ws: Path, results: dict, epochs: int) -> None:
         tmp.rename(target)
     t = time.perf_counter()
     r = train(ws / "splits.parquet", OUT / "runs" / "wikiart-dann",
-              replace(TrainSettings(), target_dir=str(target), epochs=epochs))
+              replace(TrainSettings(model=LITE0), target_dir=str(target), epochs=epochs))
     say(results, f"DANN on phone captures of the test artists ({epochs} epochs)", {**r.target,
                                                                  "seconds_both_runs": round(time.perf_counter() - t, 1)})
 

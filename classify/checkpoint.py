@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from classify.model import Classifier
-from curator.backbones import REGISTRY, Backbone, _feature_layout
+from curator.backbones import REGISTRY, Backbone, feature_layout_of
 from curator.errors import UsageError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -96,7 +96,7 @@ def load(run_dir: Path, expect_backbone: str | None = None) -> Loaded:
     model = timm.create_model(spec.timm_arch if spec else name, pretrained=False)
     model.eval()
     data_config = timm.data.resolve_model_data_config(model)
-    backbone = Backbone(name, model, data_config, meta["backbone"]["weights_origin"], _feature_layout(model))
+    backbone = Backbone(name, model, data_config, meta["backbone"]["weights_origin"], feature_layout_of(model))
     classifier = Classifier(backbone, len(meta["classes"]), meta["settings"].get("dropout", 0.0))
     try:
         classifier.load_state_dict(state, strict=True)

@@ -23,7 +23,7 @@ import torch
 
 from classify import checkpoint
 from classify.data import PixelCache, file_digest, fill_pixel_cache, read_split_table
-from classify.train import _Crops, _input_size, predict_pixels
+from classify.train import Crops, input_size, predict_pixels
 from curator import manifest
 from curator.embed import default_workers
 from curator.errors import UsageError
@@ -277,9 +277,9 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
     emit("stage", {"name": "decode", "total": len(items)})
     failed = fill_pixel_cache(pixels, items, workers, progress=lambda n: emit("advance", {"n": n}))
     good = np.array([s not in failed for s in frame["sha256"].to_list()], dtype=bool)
-    size = _input_size(classifier)
+    size = input_size(classifier)
     loader = torch.utils.data.DataLoader(
-        _Crops(pixels, pixels.rows([s for s, g in zip(frame["sha256"].to_list(), good) if g]), size, None),
+        Crops(pixels, pixels.rows([s for s, g in zip(frame["sha256"].to_list(), good) if g]), size, None),
         batch_size=batch_size)
     classifier.to(torch.device(runtime.device))
     emit("stage", {"name": "predict", "total": None})

@@ -178,7 +178,7 @@ def stats_indices(model) -> list[int]:
     return list(range(len(feature_info)))
 
 
-def _feature_layout(model) -> dict[str, tuple[int, int]]:
+def feature_layout_of(model) -> dict[str, tuple[int, int]]:
     pooled = int(model.num_features)
     layout = {"pooled": (0, pooled)}
     indices = stats_indices(model)
@@ -245,4 +245,4 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, 
     model.eval()
     data_config = timm.data.resolve_model_data_config(model)
     return Backbone(name=name, model=model, data_config=data_config, weights_origin=origin,
-                    feature_layout=_feature_layout(model))
+                    feature_layout=feature_layout_of(model))
