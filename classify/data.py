@@ -20,6 +20,7 @@ import polars as pl
 from curator import manifest
 from curator.embed import whole_records
 from curator.errors import UsageError
+from curator.hashing import file_sha256
 from curator.images import decode_bytes, read_image
 
 SPLITS = ("train", "val", "test")
@@ -40,14 +41,6 @@ class SplitTable:
 
     def rows(self, split: str) -> pl.DataFrame:
         return self.frame.filter(pl.col("split") == split)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_split_table(splits_path: Path, need: Sequence[str] = ("train", "val")) -> SplitTable:
@@ -83,7 +76,7 @@ def read_split_table(splits_path: Path, need: Sequence[str] = ("train", "val")) 
     train_classes = set(frame.filter(pl.col("split") == "train")["label"].to_list())
     if "train" in need and (missing := [c for c in classes if c not in train_classes]):
         raise UsageError(f"classes with no train rows in {splits_path}: {', '.join(missing)}")
-    return SplitTable(frame, classes, root, workspace, splits_path, file_digest(splits_path),
+    return SplitTable(frame, classes, root, workspace, splits_path, file_sha256(splits_path),
                       meta.get("backbone_key"))
 
 

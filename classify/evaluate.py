@@ -22,11 +22,12 @@ import polars as pl
 import torch
 
 from classify import checkpoint
-from classify.data import PixelCache, file_digest, fill_pixel_cache, read_split_table
+from classify.data import PixelCache, fill_pixel_cache, read_split_table
 from classify.train import Crops, input_size, predict_pixels
 from curator import manifest
 from curator.embed import default_workers
 from curator.errors import UsageError
+from curator.hashing import file_sha256
 from curator.images import looks_like_image, read_image, scan
 from curator.runtime import Runtime, configure_allocator, select_runtime
 
@@ -57,7 +58,7 @@ def _items_from_dir(directory: Path, classes: list[str]) -> tuple[pl.DataFrame, 
             skipped[rel] = "not under a folder named for one of the model's classes"
             continue
         try:
-            sha = file_digest(path)
+            sha = file_sha256(path)
         except OSError as exc:
             skipped[rel] = f"cannot read: {exc}"
             continue

@@ -580,7 +580,7 @@ def dann_coefficient(progress: float) -> float:
 
 def target_items(target_dir: Path, classes: list[str]) -> pl.DataFrame:
     """Images under `target_dir` (path, rel_path, sha256, label): label = first folder when it names a class."""
-    from classify.data import file_digest
+    from curator.hashing import file_sha256
     from curator.images import looks_like_image, scan
 
     target_dir = Path(target_dir)
@@ -592,7 +592,7 @@ def target_items(target_dir: Path, classes: list[str]) -> pl.DataFrame:
             continue
         rel = path.relative_to(target_dir).as_posix()
         first = rel.split("/", 1)[0] if "/" in rel else None
-        rows.append({"path": str(path), "rel_path": rel, "sha256": file_digest(path),
+        rows.append({"path": str(path), "rel_path": rel, "sha256": file_sha256(path),
                      "label": first if first in classes else None})
     if not rows:
         raise UsageError(f"--target-dir {target_dir} holds no images")

@@ -28,6 +28,7 @@ import polars as pl
 
 from curator.errors import UsageError
 from curator.fetch import FetchError, PoliteClient
+from curator.hashing import file_sha256
 from curator.images import decode_bytes
 
 CATALOG_NAME = "catalog.parquet"
@@ -155,15 +156,7 @@ class Catalog:
         if not row or row["status"] != "ok" or not row["path"]:
             return False
         target = self.out / row["path"]
-        return target.is_file() and _sha256_file(target) == row["sha256"]
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return target.is_file() and file_sha256(target) == row["sha256"]
 
 
 class Writer:
@@ -189,7 +182,7 @@ class Writer:
                 target = folder / name
                 rel = target.relative_to(self.out).as_posix()
                 if target.exists():
-                    if _sha256_file(target) == sha:
+                    if file_sha256(target) == sha:
                         return rel
                     if rel != own:
                         continue
