@@ -8,6 +8,7 @@ from typing import Annotated
 import polars as pl
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -286,14 +287,8 @@ class IngestDisplay:
                 self.failed += 1
             self.bar.advance(self.task, 1)
         elif kind == "listing_failed":
-            self.bar.console.print(f"[yellow]listing failed:[/] {escape_text(info['error'])}")
+            self.bar.console.print(f"[yellow]listing failed:[/] {escape(info['error'])}")
         self.bar.update(self.task, description=self._text())
-
-
-def escape_text(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def _run_ingest(source: str, make_items, out: Path, fetch: dict | None, link: bool = True) -> None:
@@ -312,12 +307,12 @@ def _run_ingest(source: str, make_items, out: Path, fetch: dict | None, link: bo
     table.add_column("label")
     table.add_column("images added", justify="right")
     for label, n in sorted(result.by_label.items()):
-        table.add_row(escape_text(label or "(none)"), str(n))
+        table.add_row(escape(label or "(none)"), str(n))
     console.print(table)
     console.print(f"added {result.added}, already there {result.skipped}, failed {result.failed}; "
                   f"{result.bytes / 1e6:.1f} MB downloaded")
     for reason, n in sorted(result.failures.items(), key=lambda kv: -kv[1]):
-        console.print(f"  failed x{n}: {escape_text(reason)}")
+        console.print(f"  failed x{n}: {escape(reason)}")
     console.print(f"catalog: [bold]{result.catalog}[/]")
 
 

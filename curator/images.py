@@ -81,28 +81,7 @@ def scan(root: Path, exclude: Iterable[Path] = ()) -> list[Path]:
 
     Broken symbolic links are listed too, so that they become rows rather than vanish.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a directory")
-    excluded = {os.path.realpath(p) for p in exclude}
-    seen_dirs: set[str] = set()
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs or real in excluded:
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        keep = []
-        for d in dirnames:
-            sub_real = os.path.realpath(os.path.join(dirpath, d))
-            if sub_real not in excluded and sub_real not in seen_dirs:
-                keep.append(d)
-        dirnames[:] = keep
-        for name in filenames:
-            found.append(Path(dirpath) / name)
-    found.sort(key=lambda p: natural_key(p.relative_to(root).as_posix()))
-    return found
+    return list(iter_files(root, exclude))
 
 
 def iter_files(root: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:

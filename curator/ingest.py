@@ -30,6 +30,7 @@ from curator.errors import UsageError
 from curator.fetch import FetchError, PoliteClient
 from curator.hashing import file_sha256
 from curator.images import decode_bytes
+from curator.manifest import write_atomic
 
 CATALOG_NAME = "catalog.parquet"
 JOURNAL_NAME = ".catalog.journal.jsonl"
@@ -143,11 +144,7 @@ class Catalog:
         with self._lock:
             if not self.rows and not self.path.exists():
                 return
-            self.out.mkdir(parents=True, exist_ok=True)
-            frame = self.frame()
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            frame.write_parquet(tmp)
-            os.replace(tmp, self.path)
+            write_atomic(self.frame(), self.path)
             self.journal.unlink(missing_ok=True)
 
     def done(self, item: Item) -> bool:
