@@ -21,7 +21,7 @@ from curator import manifest
 from curator.embed import whole_records
 from curator.errors import UsageError
 from curator.hashing import file_sha256
-from curator.images import decode_bytes, read_image
+from curator.images import decode_bytes, looks_like_image, read_image, scan
 
 SPLITS = ("train", "val", "test")
 ProgressFn = Callable[[int], None]
@@ -78,6 +78,26 @@ def read_split_table(splits_path: Path, need: Sequence[str] = ("train", "val")) 
         raise UsageError(f"classes with no train rows in {splits_path}: {', '.join(missing)}")
     return SplitTable(frame, classes, root, workspace, splits_path, file_sha256(splits_path),
                       meta.get("backbone_key"))
+
+
+def folder_images(directory: Path, classes: Sequence[str]) -> tuple[pl.DataFrame, dict[str, str]]:
+    """The images under a class-folder tree (path, rel_path, sha256, label), label = the first folder when it names
+    one of `classes`, else null; and {rel_path: reason} for files that could not be read."""
+    directory = Path(directory)
+    rows, unreadable = [], {}
+    for path in scan(directory):
+        if not looks_like_image(path):
+            continue
+        rel = path.relative_to(directory).as_posix()
+        first = rel.split("/", 1)[0] if "/" in rel else None
+        try:
+            sha = file_sha256(path)
+        except OSError as exc:
+            unreadable[rel] = f"cannot read: {exc}"
+            continue
+        rows.append({"path": str(path), "rel_path": rel, "sha256": sha, "label": first if first in classes else None})
+    schema = {"path": pl.String, "rel_path": pl.String, "sha256": pl.String, "label": pl.String}
+    return pl.DataFrame(rows, schema=schema), unreadable
 
 
 class PixelCache:

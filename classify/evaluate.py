@@ -22,13 +22,12 @@ import polars as pl
 import torch
 
 from classify import checkpoint
-from classify.data import PixelCache, fill_pixel_cache, read_split_table
+from classify.data import PixelCache, fill_pixel_cache, folder_images, read_split_table
 from classify.train import Crops, input_size, predict_pixels
 from curator import manifest
 from curator.embed import default_workers
 from curator.errors import UsageError
-from curator.hashing import file_sha256
-from curator.images import looks_like_image, read_image, scan
+from curator.images import read_image
 from curator.runtime import Runtime, configure_allocator, select_runtime
 
 Event = Callable[[str, dict], None]
@@ -48,24 +47,13 @@ def _items_from_dir(directory: Path, classes: list[str]) -> tuple[pl.DataFrame, 
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a folder")
-    rows, skipped = [], {}
-    for path in scan(directory):
-        rel = path.relative_to(directory).as_posix()
-        if not looks_like_image(path):
-            continue
-        label = rel.split("/", 1)[0] if "/" in rel else None
-        if label not in classes:
-            skipped[rel] = "not under a folder named for one of the model's classes"
-            continue
-        try:
-            sha = file_sha256(path)
-        except OSError as exc:
-            skipped[rel] = f"cannot read: {exc}"
-            continue
-        rows.append({"path": str(path), "rel_path": rel, "label": label, "sha256": sha})
-    if not rows:
+    frame, skipped = folder_images(directory, classes)
+    skipped.update({rel: "not under a folder named for one of the model's classes"
+                    for rel in frame.filter(pl.col("label").is_null())["rel_path"].to_list()})
+    frame = frame.filter(pl.col("label").is_not_null())
+    if frame.is_empty():
         raise UsageError(f"no images under {directory} in folders named for the model's classes ({', '.join(classes)})")
-    return pl.DataFrame(rows), skipped
+    return frame, skipped
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None) -> dict:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from curator.backbones import Backbone
-from curator.embed import forward_features
+from curator.embed import forward_features, pixel_scale
 
 
 class FeatureHead(nn.Module):
@@ -44,8 +44,7 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.net = backbone.model
         self.head = FeatureHead(backbone.feature_dim, classes, dropout)
-        mean = torch.tensor(backbone.data_config["mean"]).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(backbone.data_config["std"]).view(1, 3, 1, 1) * 255.0
+        mean, std = pixel_scale(backbone.data_config["mean"], backbone.data_config["std"])
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 

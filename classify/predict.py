@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from curator.backbones import DEFAULT_BACKBONE, load_backbone
-from curator.embed import default_workers, forward_features, preprocess_for
+from curator.embed import default_workers, forward_features, pixel_scale, preprocess_for
 from curator.errors import UsageError
 from curator.images import decode_bytes, iter_files
 from curator.runtime import Runtime, configure_allocator, select_runtime
@@ -111,8 +111,7 @@ class Predictor:
             self.threshold = None
             self.name = f"{settings.backbone} ImageNet-1k ({self.backbone.weights_origin})"
         cfg = self.backbone.data_config
-        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255.0
+        self.mean, self.std = pixel_scale(cfg["mean"], cfg["std"])
         self.draft = (self.square_side or max(cfg["input_size"][1:]),) * 2
 
     def to(self, device: torch.device) -> Predictor:

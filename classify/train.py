@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from classify import checkpoint
-from classify.data import PixelCache, SplitTable, fill_pixel_cache, read_split_table
+from classify.data import PixelCache, SplitTable, fill_pixel_cache, folder_images, read_split_table
 from classify.model import Classifier, set_train_mode, set_trainable
 from curator.backbones import TRAIN_BACKBONE, load_backbone
 from curator.embed import EmbeddingCache, cache_for, default_workers
@@ -351,7 +351,9 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
     if settings.target_dir:
         if settings.epochs == 0:
             raise UsageError("--target-dir adapts the fine-tuned layers: it needs --epochs > 0")
-        target_frame = target_items(Path(settings.target_dir), classes if settings.positive is None else [])
+        target_frame, unreadable = target_items(Path(settings.target_dir), classes if settings.positive is None else [])
+        if unreadable:
+            warnings.append(f"{len(unreadable)} target files unreadable, e.g. {next(iter(unreadable))}")
         emit("stage", {"name": "decode target", "total": target_frame.height})
         t_failed = fill_pixel_cache(pixels, list(zip(target_frame["path"].to_list(), target_frame["sha256"].to_list())),
                                     workers, progress=lambda n: emit("advance", {"n": n}))
@@ -578,26 +580,16 @@ def dann_coefficient(progress: float) -> float:
     return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
 
 
-def target_items(target_dir: Path, classes: list[str]) -> pl.DataFrame:
-    """Images under `target_dir` (path, rel_path, sha256, label): label = first folder when it names a class."""
-    from curator.hashing import file_sha256
-    from curator.images import looks_like_image, scan
-
+def target_items(target_dir: Path, classes: list[str]) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Images under `target_dir` (path, rel_path, sha256, label; label = first folder when it names a class) and the
+    files that could not be read."""
     target_dir = Path(target_dir)
     if not target_dir.is_dir():
         raise UsageError(f"--target-dir {target_dir} is not a folder")
-    rows = []
-    for path in scan(target_dir):
-        if not looks_like_image(path):
-            continue
-        rel = path.relative_to(target_dir).as_posix()
-        first = rel.split("/", 1)[0] if "/" in rel else None
-        rows.append({"path": str(path), "rel_path": rel, "sha256": file_sha256(path),
-                     "label": first if first in classes else None})
-    if not rows:
+    frame, unreadable = folder_images(target_dir, classes)
+    if frame.is_empty():
         raise UsageError(f"--target-dir {target_dir} holds no images")
-    return pl.DataFrame(rows, schema={"path": pl.String, "rel_path": pl.String, "sha256": pl.String,
-                                      "label": pl.String})
+    return frame, unreadable
 
 
 class _TargetStream:

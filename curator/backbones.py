@@ -27,7 +27,7 @@ from curator.hashing import file_sha256
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Training's default: Lite2's probe beat Lite0's by 8 points of artist-disjoint test accuracy on wikiart-dev
-# (docs/BENCHMARKS.md); the data side keeps Lite0, whose embeddings serve similarity equally well at a third of the cost.
+# (docs/BENCHMARKS.md); the data side keeps Lite0, whose embeddings serve similarity well at a third of the cost.
 TRAIN_BACKBONE = "efficientnet_lite2"
 
 

@@ -64,6 +64,17 @@ def preprocess_for(data_config: dict) -> Preprocess:
     return Preprocess(transforms.Compose(steps), (side, side), tuple(data_config["mean"]), tuple(data_config["std"]))
 
 
+def pixel_scale(mean: Sequence[float], std: Sequence[float],
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821
+    """The model's normalisation in uint8 units, as (1, 3, 1, 1) tensors: a batch is `(pixels - mean) / std`."""
+    import torch
+
+    def as_tensor(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(list(values), device=device).view(1, 3, 1, 1) * 255.0
+
+    return as_tensor(mean), as_tensor(std)
+
+
 def whole_records(path: Path, itemsize: int) -> int:
     """How many whole fixed-size records an append-only file holds; a torn last record (a run killed mid-write) is
     cut off, so appending resumes cleanly."""
@@ -288,8 +299,7 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
     preprocess = preprocess_for(backbone.data_config)
     device = torch.device(runtime.device)
     backbone.model.to(device).to(memory_format=torch.channels_last)  # in place: modules move themselves
-    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
+    mean, std = pixel_scale(preprocess.mean, preprocess.std, device)
     dataset = _DecodeDataset(paths, preprocess, cache.shas(), known or {})
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
