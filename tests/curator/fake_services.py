@@ -207,3 +207,4 @@ def serve(services: Services) -> tuple[ThreadingHTTPServer, str]:
     services.base = base
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, base
+

@@ -6,19 +6,10 @@ import pytest
 
 from curator.errors import UsageError
 from curator.fetch import FetchError, FetchSettings, PoliteClient
-from tests.curator.fake_services import Services, serve
 
 
-@pytest.fixture()
-def base():
-    state = Services()
-    server, url = serve(state)
-    yield state, url
-    server.shutdown()
-
-
-def test_retry_after_is_honoured_and_backoff_grows_with_jitter(base):
-    state, url = base
+def test_retry_after_is_honoured_and_backoff_grows_with_jitter(services):
+    state, url = services
     sleeps: list[float] = []
     with PoliteClient(FetchSettings(rate=1000, retries=3, backoff=0.5), sleep=sleeps.append,
                       rng=random.Random(0)) as client:
@@ -30,16 +21,16 @@ def test_retry_after_is_honoured_and_backoff_grows_with_jitter(base):
         assert client.retries == 2
 
 
-def test_a_body_cut_mid_way_is_retried_and_counted_once(base):
-    state, url = base
+def test_a_body_cut_mid_way_is_retried_and_counted_once(services):
+    state, url = services
     with PoliteClient(FetchSettings(rate=1000, retries=2, backoff=0.01)) as client:
         body = client.get_bytes(f"{url}/images/dropped.jpg")
         assert body == state.images["img11"]
         assert state.hits["/images/dropped.jpg"] == 2
 
 
-def test_size_cap_http_errors_and_json_errors_are_one_sentence(base):
-    state, url = base
+def test_size_cap_http_errors_and_json_errors_are_one_sentence(services):
+    state, url = services
     with PoliteClient(FetchSettings(rate=1000, retries=0, max_bytes=10_000)) as client:
         with pytest.raises(FetchError, match="larger than --max-bytes"):
             client.get_bytes(f"{url}/images/huge.jpg")
@@ -49,8 +40,8 @@ def test_size_cap_http_errors_and_json_errors_are_one_sentence(base):
             client.get_json(f"{url}/images/html.jpg")
 
 
-def test_rate_limit_spaces_requests(base):
-    state, url = base
+def test_rate_limit_spaces_requests(services):
+    state, url = services
     sleeps: list[float] = []
     with PoliteClient(FetchSettings(rate=4, retries=0), sleep=sleeps.append) as client:
         for _ in range(3):

@@ -20,18 +20,9 @@ from curator.cli import app
 from curator.fetch import FetchSettings, PoliteClient, retry_after_seconds
 from curator.ingest import CATALOG_NAME, safe_name
 from tests.conftest import REPO, SAMPLE, sample_paintings
-from tests.curator.fake_services import Services, serve
 
 runner = CliRunner()
 FAST = ["--rate", "200", "--retries", "3"]
-
-
-@pytest.fixture()
-def services():
-    state = Services()
-    server, base = serve(state)
-    yield state, base
-    server.shutdown()
 
 
 def _catalog(out: Path) -> pl.DataFrame:
