@@ -96,7 +96,11 @@ def load(run_dir: Path, expect_backbone: str | None = None) -> Loaded:
     model = timm.create_model(spec.timm_arch if spec else name, pretrained=False)
     model.eval()
     data_config = timm.data.resolve_model_data_config(model)
-    backbone = Backbone(name, model, data_config, meta["backbone"]["weights_origin"], feature_layout_of(model))
+    stored = {part: tuple(span) for part, span in meta["backbone"].get("feature_layout", {}).items()}
+    layout = feature_layout_of(model, gram="gram" in stored)
+    if stored and stored != layout:
+        raise UsageError(f"{run_dir}/{META_NAME} describes features {stored} but backbone {name!r} gives {layout}")
+    backbone = Backbone(name, model, data_config, meta["backbone"]["weights_origin"], layout)
     classifier = Classifier(backbone, len(meta["classes"]), meta["settings"].get("dropout", 0.0))
     try:
         classifier.load_state_dict(state, strict=True)

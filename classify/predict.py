@@ -147,7 +147,9 @@ class Predictor:
                 feats = forward_features(self.backbone, x)
                 pooled = feats[:, : self.backbone.feature_layout["pooled"][1]]
                 probs = torch.softmax(self.module.get_classifier()(pooled.to(x.dtype)).float(), 1)
-        return probs, feats.float()
+        # the `embedding` column is pooled + style statistics, as `curator` caches it, whatever else the head reads
+        width = max(end for part, (_, end) in self.backbone.feature_layout.items() if part != "gram")
+        return probs, feats[:, :width].float()
 
 
 class _Batches(torch.utils.data.IterableDataset):

@@ -46,6 +46,9 @@ class TrainSettings:
     weights: str | None = None
     epochs: int = 0  # stage 2 off by default: on wikiart-dev it lowered artist-disjoint test accuracy
     unfreeze: int = 2
+    # second-order style statistics in the features: off by default, since with the cached centre-crop features they
+    # moved wikiart-dev's 5-fold accuracy +1.5 points and its fixed test -1.5, at 4.6x the cache (docs/BENCHMARKS.md)
+    gram: bool = False
     batch_size: int = 32
     lr: float = 3e-4  # backbone; the head gets `head_lr_scale` times more
     head_lr_scale: float = 3.0
@@ -321,7 +324,8 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
     workers = default_workers() if settings.workers is None else settings.workers
 
     t = time.perf_counter()
-    backbone = load_backbone(settings.model, Path(settings.weights) if settings.weights else None)
+    backbone = load_backbone(settings.model, Path(settings.weights) if settings.weights else None,
+                             gram=settings.gram)
     classifier = Classifier(backbone, len(classes), settings.dropout)
     device = torch.device(runtime.device)
     timings["load backbone"] = time.perf_counter() - t
@@ -401,7 +405,8 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
     meta = {
         "backbone": {"name": backbone.name, "key": backbone.key, "weights_origin": backbone.weights_origin,
                      "feature_layout": backbone.feature_layout},
-        "feature": "pooled + style statistics (curator.embed.forward_features), standardised",
+        "feature": ("pooled + style statistics" + (" + Gram matrices" if "gram" in backbone.feature_layout else "")
+                    + " (curator.embed.forward_features), standardised"),
         "classes": classes,
         "preprocessing": {"resize_side": pixels.side, "crop": size, "mean": list(backbone.data_config["mean"]),
                           "std": list(backbone.data_config["std"]), "interpolation": "bicubic",
@@ -418,6 +423,9 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
 
     # stage 2: fine-tune
     if settings.epochs > 0:
+        # seeded again here: filling the caches above draws from the global RNG (a DataLoader takes its base seed
+        # from it) only when something was missing, and a rerun on warm caches must fine-tune the same way
+        generator = seed_everything(settings.seed)
         trainable = set_trainable(classifier.net, settings.unfreeze)
         params_backbone = [p for m in trainable for p in m.parameters()]
         no_decay = {id(p) for m in trainable for mod in m.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)

@@ -178,19 +178,38 @@ def stats_indices(model) -> list[int]:
     return list(range(len(feature_info)))
 
 
-def feature_layout_of(model) -> dict[str, tuple[int, int]]:
+# Gram matrices are taken only of middle stages this narrow: a 352-channel stage alone would add 62k dimensions
+GRAM_MAX_CHANNELS = 128
+
+
+def gram_indices(model) -> list[int]:
+    """Which feature stages feed the Gram part: the middle ones (not the first, which sees little more than colour,
+    nor the last) of at most GRAM_MAX_CHANNELS channels; stages 1-3 of every EfficientNet-Lite."""
+    indices = stats_indices(model)[1:-1]
+    return [i for i in indices if int(model.feature_info[i]["num_chs"]) <= GRAM_MAX_CHANNELS]
+
+
+def feature_layout_of(model, gram: bool = False) -> dict[str, tuple[int, int]]:
+    """Where each named part of the feature vector lies: `pooled`, `stats` and, with `gram`, the upper triangles of
+    the centred channel Gram matrices of `gram_indices` (second-order style statistics, as in Gatys et al.)."""
     pooled = int(model.num_features)
     layout = {"pooled": (0, pooled)}
     indices = stats_indices(model)
+    end = pooled
     if indices:
         channels = sum(int(model.feature_info[i]["num_chs"]) for i in indices)
-        layout["stats"] = (pooled, pooled + 2 * channels)
+        layout["stats"] = (end, end + 2 * channels)
+        end += 2 * channels
+    if gram and gram_indices(model):
+        width = sum(c * (c + 1) // 2 for c in (int(model.feature_info[i]["num_chs"]) for i in gram_indices(model)))
+        layout["gram"] = (end, end + width)
     return layout
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, pretrained: bool = True,
-                  hub_check: Callable[[], bool] | None = None) -> Backbone:
-    """Build `name` in eval mode with its weights.
+                  hub_check: Callable[[], bool] | None = None, gram: bool = False) -> Backbone:
+    """Build `name` in eval mode with its weights; `gram` adds the Gram part to its features (see
+    `feature_layout_of`).
 
     Registered names load offline. Any other timm model name loads `weights` (safetensors or state dict) when given,
     else timm's pretrained weights from the Hugging Face hub. With no network and no weights: `UsageError`.
@@ -245,4 +264,4 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, 
     model.eval()
     data_config = timm.data.resolve_model_data_config(model)
     return Backbone(name=name, model=model, data_config=data_config, weights_origin=origin,
-                    feature_layout=feature_layout_of(model))
+                    feature_layout=feature_layout_of(model, gram))

@@ -44,6 +44,38 @@ def test_preprocessing_comes_from_the_model(lite0):
     assert lite0.feature_layout == {"pooled": (0, 1280), "stats": (1280, 1280 + 2 * (16 + 24 + 40 + 112 + 320))}
 
 
+def test_gram_features_are_the_centred_channel_covariance_of_the_middle_stages(lite0):
+    import numpy as np
+
+    from curator.backbones import feature_layout_of, gram_indices
+    from curator.embed import forward_features
+
+    with_gram = load_backbone("efficientnet_lite0", gram=True)
+    assert gram_indices(with_gram.model) == [1, 2, 3]  # 24, 40, 112 channels; not the first stage nor the 320-wide last
+    width = sum(c * (c + 1) // 2 for c in (24, 40, 112))
+    assert with_gram.feature_layout == {**lite0.feature_layout, "gram": (2304, 2304 + width)}
+    assert with_gram.key != lite0.key  # cached embeddings of one layout are never read as the other's
+    assert feature_layout_of(with_gram.model) == lite0.feature_layout
+
+    pre = preprocess_for(with_gram.data_config)
+    img = np.asarray(pre.pil_steps(Image.open(TEST_DATA / "chelsea.jpg").convert("RGB")), dtype=np.float32)
+    x = torch.from_numpy((img / 127.5 - 1.0).transpose(2, 0, 1).copy())[None]
+    with torch.inference_mode():
+        feats = forward_features(with_gram, x)[0].numpy()
+        plain = forward_features(lite0, x)[0].numpy()
+        _, inter = with_gram.model.forward_intermediates(x, indices=[0, 1, 2, 3, 4])
+    assert feats.shape == (2304 + width,)
+    np.testing.assert_allclose(feats[:2304], plain, rtol=1e-4, atol=1e-5)
+    # the 40-channel stage's part, recomputed by hand in float64
+    f = inter[2][0].double().flatten(1).numpy()
+    f = f - f.mean(1, keepdims=True)
+    cov = f @ f.T / f.shape[1]
+    upper = cov[np.triu_indices(40)]
+    start = 2304 + 24 * 25 // 2
+    np.testing.assert_allclose(feats[start:start + 40 * 41 // 2], np.sign(upper) * np.sqrt(np.abs(upper) + 1e-6),
+                               rtol=1e-3, atol=1e-4)
+
+
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(UsageError, match="efficientnet_lite0"):
         load_backbone("no_such_model_v9")
