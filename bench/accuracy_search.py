@@ -4,8 +4,9 @@ the artist shift (the same probe on folds that share artists).
 
 Needs the workspace of bench/accuracy.py (bench/out/wikiart-dev with splits.parquet). Run:
     .venv/bin/python bench/accuracy_search.py
-Features of every view are computed once into bench/out/search/*.npz (about 12 minutes on 2 cores for all five
-views); each table row then takes seconds (fixed test) to a minute (five folds). Prints a markdown table.
+Features of every view are computed once into bench/out/search/*.npz (about 9 minutes on 2 cores for all four
+views); each table row then takes 12 s (2,400 features) to 26 minutes (30,640 features, on a busy machine), for
+seven probe fits. Prints a markdown table.
 """
 
 from __future__ import annotations
