@@ -27,7 +27,7 @@ from classify.train import Crops, input_size, predict_pixels
 from curator import manifest
 from curator.embed import default_workers
 from curator.errors import UsageError
-from curator.images import read_image
+from curator.images import write_thumbnail
 from curator.runtime import Runtime, configure_allocator, select_runtime
 
 Event = Callable[[str, dict], None]
@@ -185,16 +185,8 @@ def write_errors_html(pred: pl.DataFrame, out_dir: Path, title: str) -> Path:
     items = []
     for row in wrong.head(ERRORS_SHOWN).iter_rows(named=True):
         name = f"{row['sha256'][:20]}.webp"
-        target = thumbs / name
-        if not target.exists():
-            decoded = read_image(Path(row["path"]))
-            if decoded.image is not None:
-                im = decoded.image.copy()
-                im.thumbnail((160, 160))
-                tmp = target.with_suffix(".tmp")
-                im.save(tmp, "WEBP", quality=80)
-                os.replace(tmp, target)
-        img = f'<img src="thumbs/{name}" loading="lazy" alt="">' if target.exists() else "(no image)"
+        shown = write_thumbnail(Path(row["path"]), thumbs / name, 160)
+        img = f'<img src="thumbs/{name}" loading="lazy" alt="">' if shown else "(no image)"
         items.append(
             f'<div class="item">{img}<div class="t">true: <b>{html.escape(row["label"])}</b></div>'
             f'<div class="p">predicted: <b>{html.escape(row["predicted"])}</b> ({row["confidence"]:.2f})</div>'

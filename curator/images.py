@@ -278,3 +278,19 @@ def read_image(path: Path, draft_size: tuple[int, int] | None = None) -> Decoded
     except OSError as exc:
         return _corrupt(path, None, 0, f"cannot read file: {exc.strerror or exc}")
     return decode_bytes(path, data, draft_size)
+
+
+def write_thumbnail(source: Path, target: Path, side: int) -> bool:
+    """Make `target`, a WebP thumbnail of `source` at most `side` pixels a side, unless it exists already; False when
+    `source` cannot be decoded. Written through a temporary file, so a half-written thumbnail is never served."""
+    if target.exists():
+        return True
+    decoded = read_image(source)
+    if decoded.image is None:
+        return False
+    image = decoded.image.copy()
+    image.thumbnail((side, side))
+    tmp = target.with_suffix(".tmp")
+    image.save(tmp, "WEBP", quality=80)
+    os.replace(tmp, target)
+    return True

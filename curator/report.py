@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from curator.images import read_image
+from curator.images import write_thumbnail
 
 PAGE = 200
 THUMB_SIDE = 128
@@ -32,16 +32,7 @@ padding:.4rem;border-bottom:1px solid #eee}.item{width:150px;font-size:.72rem;wo
 def _thumb(root: Path, rel: str, row_id: str, thumbs: Path) -> str | None:
     """Relative URL of the row's thumbnail, made once; None when the file cannot be decoded."""
     target = thumbs / f"{row_id}.webp"
-    if not target.exists():
-        decoded = read_image(root / rel)
-        if decoded.image is None:
-            return None
-        image = decoded.image.copy()
-        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
-        tmp = target.with_suffix(".tmp")
-        image.save(tmp, "WEBP", quality=80)
-        os.replace(tmp, target)
-    return f"thumbs/{target.name}"
+    return f"thumbs/{target.name}" if write_thumbnail(root / rel, target, THUMB_SIDE) else None
 
 
 def _item(root: Path, thumbs: Path, row: dict, css: str, caption: str) -> str:
