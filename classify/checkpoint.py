@@ -8,14 +8,13 @@ backbone it was trained on.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from classify.model import Classifier
+from curator.atomic import atomic_path
 from curator.backbones import REGISTRY, Backbone, feature_layout_of
 from curator.errors import UsageError
 
@@ -35,16 +34,8 @@ class Loaded:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def save(run_dir: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:

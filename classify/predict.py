@@ -14,9 +14,7 @@ One row per file: path (relative to the folder), label, confidence, topk_labels,
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from curator.atomic import atomic_path
 from curator.backbones import DEFAULT_BACKBONE, load_backbone
 from curator.embed import default_workers, forward_features, pixel_scale, preprocess_for
 from curator.errors import UsageError
@@ -207,16 +206,8 @@ def _schema(embeddings: bool) -> pa.Schema:
 
 
 def _write_atomic_table(table: pa.Table, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, fsync=True) as tmp:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[str], int]:
@@ -240,16 +231,9 @@ def _read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[str], i
 
 def _join_parts(files: list[Path], out: Path, schema: pa.Schema, meta: dict) -> None:
     """Stream the parts into one Parquet file (one part in memory at a time), atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        with pq.ParquetWriter(tmp, schema.with_metadata({"atelier": json.dumps(meta)})) as writer:
-            for f in files:
-                writer.write_table(pq.read_table(f).cast(schema))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema.with_metadata({"atelier": json.dumps(meta)})) as writer:
+        for f in files:
+            writer.write_table(pq.read_table(f).cast(schema))
 
 
 def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,

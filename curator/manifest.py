@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
+from curator.atomic import atomic_path
 from curator.errors import ManifestError
 
 SCHEMA_VERSION = 3
@@ -122,15 +122,9 @@ def write_atomic(df: pl.DataFrame, path: Path, metadata: dict | None = None) -> 
     """Write `df` as Parquet to `path` via a temp file and rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        kv = {"atelier": json.dumps({"schema_version": SCHEMA_VERSION, **(metadata or {})}, sort_keys=True)}
+    kv = {"atelier": json.dumps({"schema_version": SCHEMA_VERSION, **(metadata or {})}, sort_keys=True)}
+    with atomic_path(path) as tmp:
         df.write_parquet(tmp, metadata=kv)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
