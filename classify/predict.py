@@ -111,6 +111,8 @@ class Predictor:
             self.name = f"{settings.backbone} ImageNet-1k ({self.backbone.weights_origin})"
         cfg = self.backbone.data_config
         self.mean, self.std = pixel_scale(cfg["mean"], cfg["std"])
+        # the `embedding` column is pooled + style statistics, as `curator` caches it, whatever else the head reads
+        self.embedding_width = max(end for part, (_, end) in self.backbone.feature_layout.items() if part != "gram")
         self.draft = (self.square_side or max(cfg["input_size"][1:]),) * 2
 
     def to(self, device: torch.device) -> Predictor:
@@ -146,9 +148,7 @@ class Predictor:
                 feats = forward_features(self.backbone, x)
                 pooled = feats[:, : self.backbone.feature_layout["pooled"][1]]
                 probs = torch.softmax(self.module.get_classifier()(pooled.to(x.dtype)).float(), 1)
-        # the `embedding` column is pooled + style statistics, as `curator` caches it, whatever else the head reads
-        width = max(end for part, (_, end) in self.backbone.feature_layout.items() if part != "gram")
-        return probs, feats[:, :width].float()
+        return probs, feats[:, :self.embedding_width].float()
 
 
 class _Batches(torch.utils.data.IterableDataset):
