@@ -39,7 +39,7 @@ def models(
     try:
         rows = describe_backbones(load=load)
     except AtelierError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=exc.exit_code) from None
     table = Table(title="offline backbones")
     for column in ("name", "installed", "input", "features", "description"):
@@ -225,19 +225,26 @@ def classify_directory(
     embeddings: Annotated[bool, typer.Option(help="Also store each image's feature vector.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run (or reuse a finished one).")] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile the model first (worth it on GPUs).")] = False,
+    max_bytes: Annotated[int, typer.Option(help="Files larger than this many bytes are not read (a row says so).")]
+    = 1 << 30,
+    follow_symlinks: Annotated[bool, typer.Option(help="Read symbolic links that lead outside DIRECTORY (by default "
+                                                       "each gets a row saying where it points).")] = False,
 ) -> None:
     """Classify every file under DIRECTORY into a Parquet file: label, confidence, top-k, error per file.
 
-    Streaming with bounded memory; rows are flushed every 2,048 files, so an interrupted run keeps them and
-    --resume finishes the rest with no row lost or repeated.
+    Streaming with bounded memory; rows are flushed every 2,048 files into OUT.parts, so an interrupted run keeps
+    them and --resume finishes the rest with no row lost or repeated (only a run with the same folder, model and
+    options). FIFOs, devices, oversized files and links leaving DIRECTORY become rows without being read.
     """
     from classify.predict import PredictSettings, classify_dir
+    from curator.paths import display
 
     try:
         settings = PredictSettings(
             model=str(model) if model else None, backbone=backbone, weights=str(weights) if weights else None,
             top_k=top_k, batch_size=batch_size, workers=workers, device=device, dtype=dtype, embeddings=embeddings,
-            resume=resume, compile=compile, flush_every=batch_size * max(1, 2048 // batch_size))
+            resume=resume, compile=compile, flush_every=max(1, batch_size) * max(1, 2048 // max(1, batch_size)),
+            max_bytes=max_bytes, follow_symlinks=follow_symlinks)
         with progress_bar() as bar:
             result = classify_dir(directory, out, settings, EpochDisplay(bar))
     except AtelierError as exc:
@@ -249,11 +256,13 @@ def classify_directory(
                   f"{result.images_per_second:.1f}", f"{result.runtime.device} {result.runtime.dtype}")
     console.print(table)
     console.print(f"model: {escape(result.model)}")
-    console.print(f"predictions: {result.out}")
+    console.print(f"predictions: {escape(display(str(result.out)))}")
 
 
 def main() -> None:
-    app()
+    from curator import entry
+
+    entry.main(app)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ decoded twice, and RAM stays bounded by the page cache rather than by the size o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,12 @@ import numpy as np
 import polars as pl
 
 from curator import manifest
-from curator.embed import whole_records
+from curator.atomic import atomic_path
+from curator.embed import set_aside, whole_records
 from curator.errors import UsageError
 from curator.hashing import file_sha256
-from curator.images import decode_bytes, looks_like_image, read_image, scan
+from curator.images import ReadPolicy, decode_bytes, looks_like_image, read_image, read_source, scan
+from curator.paths import from_text, relative_text, to_text
 
 SPLITS = ("train", "val", "test")
 ProgressFn = Callable[[int], None]
@@ -31,7 +35,7 @@ ProgressFn = Callable[[int], None]
 class SplitTable:
     """The kept, labelled rows of a splits file with absolute paths, and where they came from."""
 
-    frame: pl.DataFrame  # columns: path (absolute), rel_path, label, group, sha256, split, weight
+    frame: pl.DataFrame  # columns: path (absolute, as text), path_escaped, rel_path, label, group, sha256, split, weight
     classes: list[str]
     root: Path
     workspace: Path
@@ -65,8 +69,11 @@ def read_split_table(splits_path: Path, need: Sequence[str] = ("train", "val")) 
     df = df.filter(pl.col("split").is_not_null() & pl.col("label").is_not_null() & pl.col("sha256").is_not_null())
     if "weight" not in df.columns:
         df = df.with_columns(pl.lit(1.0, dtype=pl.Float32).alias("weight"))
+    escaped = df["path_escaped"] if "path_escaped" in df.columns else pl.Series([False] * len(df))
+    absolute = [to_text(str(path)) for path in manifest.file_paths(df, root)]
     frame = df.select(
-        pl.col("path").map_elements(lambda p: str(root / p), return_dtype=pl.String).alias("path"),
+        pl.Series("path", [text for text, _ in absolute], dtype=pl.String),
+        pl.Series("path_escaped", escaped.fill_null(False), dtype=pl.Boolean),
         pl.col("path").alias("rel_path"), "label", "group", "sha256", "split", "weight",
     )
     for split in need:
@@ -80,40 +87,94 @@ def read_split_table(splits_path: Path, need: Sequence[str] = ("train", "val")) 
                       meta.get("backbone_key"))
 
 
-def folder_images(directory: Path, classes: Sequence[str]) -> tuple[pl.DataFrame, dict[str, str]]:
-    """The images under a class-folder tree (path, rel_path, sha256, label), label = the first folder when it names
-    one of `classes`, else null; and {rel_path: reason} for files that could not be read."""
+def folder_images(directory: Path, classes: Sequence[str],
+                  policy: ReadPolicy | None = None) -> tuple[pl.DataFrame, dict[str, str]]:
+    """The images under a class-folder tree (path, path_escaped, rel_path, sha256, label), label = the first folder
+    when it names one of `classes`, else null; and {rel_path: reason} for files that could not be read. Files are
+    read through `policy` (default: regular files under `directory` only), so a FIFO or an outside link is a reason,
+    never a hang or a leak."""
     directory = Path(directory)
+    policy = policy or ReadPolicy(root=directory)
     rows, unreadable = [], {}
-    for path in scan(directory):
+    for path in scan(directory, follow_symlinks=policy.follow_symlinks):
         if not looks_like_image(path):
             continue
-        rel = path.relative_to(directory).as_posix()
+        rel, escaped = relative_text(path, directory)
         first = rel.split("/", 1)[0] if "/" in rel else None
-        try:
-            sha = file_sha256(path)
-        except OSError as exc:
-            unreadable[rel] = f"cannot read: {exc}"
+        data, row = read_source(path, policy)
+        if row is not None:
+            unreadable[rel] = row.info.reason or row.info.status
             continue
-        rows.append({"path": str(path), "rel_path": rel, "sha256": sha, "label": first if first in classes else None})
-    schema = {"path": pl.String, "rel_path": pl.String, "sha256": pl.String, "label": pl.String}
+        rows.append({"path": to_text(str(path))[0], "path_escaped": escaped, "rel_path": rel,
+                     "sha256": hashlib.sha256(data).hexdigest(), "label": first if first in classes else None})
+    schema = {"path": pl.String, "path_escaped": pl.Boolean, "rel_path": pl.String, "sha256": pl.String,
+              "label": pl.String}
     return pl.DataFrame(rows, schema=schema), unreadable
 
 
-class PixelCache:
-    """Append-only file of (sha256, uint8 side x side x 3) records, memory-mapped for reading.
+def file_items(frame: pl.DataFrame) -> list[tuple[str, str]]:
+    """(path the OS opens, sha256) for each row of a frame from `read_split_table` or `folder_images`."""
+    escaped = frame["path_escaped"].to_list() if "path_escaped" in frame.columns else [False] * len(frame)
+    return [(from_text(text, flag), sha)
+            for text, flag, sha in zip(frame["path"].to_list(), escaped, frame["sha256"].to_list(), strict=True)]
 
-    A torn last record (a run killed mid-write) is cut off on open.
+
+class PixelCache:
+    """Append-only file of (sha256, crc32, uint8 side x side x 3) records, memory-mapped for reading, with a
+    `pixels-SIDE.json` metadata file (side, record size, format).
+
+    Verified, not trusted:
+    - records without metadata (a cache of an older format, or its metadata lost), unreadable metadata, or metadata
+      that disagrees with this side or record size make the file unusable: it is set aside (`*.unusable-N`, never
+      deleted) and a fresh cache is started, with a warning;
+    - a torn last record (a run killed mid-write) is cut off on open;
+    - every record carries a CRC-32 of its sha256 and pixels; `verify` (run by `fill_pixel_cache` on the records it is
+      about to use) drops a record that fails it from the index, with a warning, so that it is decoded again.
+    Warnings collect in `self.warnings`.
     """
+
+    FORMAT = 2
 
     def __init__(self, directory: Path, side: int):
         self.side = side
-        self.record = np.dtype([("sha", "u1", (32,)), ("pix", "u1", (side, side, 3))])
+        self.record = np.dtype([("sha", "u1", (32,)), ("crc", "<u4"), ("pix", "u1", (side, side, 3))])
         self.path = Path(directory) / f"pixels-{side}.u8"
+        self.meta_path = self.path.with_suffix(".json")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.warnings: list[str] = []
         self._index: dict[bytes, int] = {}
+        self._dropped: set[int] = set()
         self._map: np.ndarray | None = None
+        self._verify_meta()
         self._refresh()
+
+    def _meta(self) -> dict:
+        return {"side": self.side, "record_bytes": self.record.itemsize, "format": self.FORMAT,
+                "checksum": "crc32 of sha256 bytes then pixels"}
+
+    def _verify_meta(self) -> None:
+        """Set the records aside when their metadata is missing, unreadable or not this cache's; write fresh
+        metadata where there is none."""
+        problem = None
+        if self.meta_path.exists():
+            try:
+                meta = json.loads(self.meta_path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                meta = None
+            if not isinstance(meta, dict):
+                problem = "its metadata is not readable JSON"
+            elif any(meta.get(k) != v for k, v in self._meta().items()):
+                problem = (f"its metadata (side {meta.get('side')!r}, {meta.get('record_bytes')!r}-byte records, "
+                           f"format {meta.get('format')!r}) is not this cache's")
+        elif self.path.exists():
+            problem = "its records have no metadata (an older format?)"
+        if problem:
+            moved = [set_aside(p).name for p in (self.path, self.meta_path) if p.exists()]
+            self.warnings.append(f"pixel cache {self.path.name} was unusable ({problem}); set aside as "
+                                 f"{' and '.join(moved)} in {self.path.parent} and rebuilt")
+        if not self.meta_path.exists():
+            with atomic_path(self.meta_path) as tmp:
+                tmp.write_text(json.dumps(self._meta(), indent=2))
 
     def _refresh(self) -> None:
         if not self.path.exists():
@@ -122,7 +183,7 @@ class PixelCache:
         if whole == 0:
             return
         self._map = np.memmap(self.path, dtype=self.record, mode="r", shape=(whole,))
-        self._index = {sha.tobytes(): i for i, sha in enumerate(self._map["sha"])}
+        self._index = {sha.tobytes(): i for i, sha in enumerate(self._map["sha"]) if i not in self._dropped}
 
     def __contains__(self, sha: str) -> bool:
         return bytes.fromhex(sha) in self._index
@@ -134,11 +195,30 @@ class PixelCache:
         records = np.empty(len(shas), dtype=self.record)
         records["sha"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
         records["pix"] = pixels
+        records["crc"] = [_record_crc(r["sha"], r["pix"]) for r in records]
         with open(self.path, "ab") as fh:
             fh.write(records.tobytes())
             fh.flush()
             os.fsync(fh.fileno())
         self._refresh()
+
+    def verify(self, shas: Sequence[str]) -> list[str]:
+        """Check the cached records of `shas` against their checksums; a damaged one is dropped from the index (so
+        it counts as not cached and is decoded again), with a warning. Returns the shas dropped."""
+        damaged = []
+        for sha in dict.fromkeys(shas):
+            row = self._index.get(bytes.fromhex(sha))
+            if row is None:
+                continue
+            record = self._map[row]
+            if _record_crc(record["sha"], record["pix"]) != int(record["crc"]):
+                del self._index[bytes.fromhex(sha)]
+                self._dropped.add(row)
+                damaged.append(sha)
+        if damaged:
+            self.warnings.append(f"pixel cache {self.path.name}: {len(damaged)} damaged records (checksum mismatch) "
+                                 f"dropped; decoded again")
+        return damaged
 
     def rows(self, shas: Sequence[str]) -> np.ndarray:
         """Record numbers of `shas` (all must be cached)."""
@@ -147,6 +227,11 @@ class PixelCache:
     def pixels(self, row: int) -> np.ndarray:
         assert self._map is not None
         return self._map["pix"][row]
+
+
+def _record_crc(sha: np.ndarray, pix: np.ndarray) -> int:
+    """CRC-32 of a pixel-cache record's sha256 bytes followed by its pixels."""
+    return zlib.crc32(np.ascontiguousarray(pix), zlib.crc32(np.ascontiguousarray(sha)))
 
 
 def square_from_image(image, side: int) -> np.ndarray:
@@ -180,10 +265,11 @@ class _SquareDataset:
 
     def __getitem__(self, i: int):
         path, sha = self.items[i]
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            return i, sha, None, "file is missing" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc}"
+        if not os.path.lexists(path):
+            return i, sha, None, "file is missing"
+        data, row = read_source(Path(path))
+        if row is not None:
+            return i, sha, None, row.info.reason or row.info.status
         if hashlib.sha256(data).hexdigest() != sha:
             return i, sha, None, "file changed since `curator clean` (sha256 differs)"
         pixels, reason = square_pixels(Path(path), self.side, data)
@@ -192,11 +278,13 @@ class _SquareDataset:
 
 def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], workers: int = 1,
                      progress: ProgressFn | None = None) -> dict[str, str]:
-    """Decode the (path, sha256) items not in `cache` yet and append them; returns {sha256: reason} of failures."""
+    """Decode the (path, sha256) items not in `cache` yet (or whose cached record fails its checksum) and append
+    them; returns {sha256: reason} of failures."""
     from torch.utils.data import DataLoader
 
     todo, seen = [], set()
     failures: dict[str, str] = {}
+    cache.verify([sha for _, sha in items])  # damaged records are dropped here, so decoded again below
     for path, sha in items:
         if not os.path.isfile(path):  # a file gone since `curator split` is not trained on, cached or not
             failures[sha] = "file is missing"

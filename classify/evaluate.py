@@ -22,12 +22,14 @@ import polars as pl
 import torch
 
 from classify import checkpoint
-from classify.data import PixelCache, fill_pixel_cache, folder_images, read_split_table
+from classify.data import PixelCache, file_items, fill_pixel_cache, folder_images, read_split_table
 from classify.train import Crops, input_size, predict_pixels
 from curator import manifest
 from curator.embed import default_workers
 from curator.errors import UsageError
+from curator.ownership import claim
 from curator.images import write_thumbnail
+from curator.paths import from_text
 from curator.runtime import Runtime, configure_allocator, select_runtime
 
 Event = Callable[[str, dict], None]
@@ -40,6 +42,15 @@ class EvalResult:
     metrics: dict
     predictions: pl.DataFrame
     files: dict[str, Path]
+
+
+def _is_eval_folder(folder: Path) -> bool:
+    """An unmarked folder an earlier `classify eval` wrote (its metrics.json names the model and the source)."""
+    try:
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"model", "source", "accuracy"} <= metrics.keys()
 
 
 def _items_from_dir(directory: Path, classes: list[str]) -> tuple[pl.DataFrame, dict[str, str]]:
@@ -185,7 +196,7 @@ def write_errors_html(pred: pl.DataFrame, out_dir: Path, title: str) -> Path:
     items = []
     for row in wrong.head(ERRORS_SHOWN).iter_rows(named=True):
         name = f"{row['sha256'][:20]}.webp"
-        shown = write_thumbnail(Path(row["path"]), thumbs / name, 160)
+        shown = write_thumbnail(Path(from_text(row["path"], row.get("path_escaped"))), thumbs / name, 160)
         img = f'<img src="thumbs/{name}" loading="lazy" alt="">' if shown else "(no image)"
         items.append(
             f'<div class="item">{img}<div class="t">true: <b>{html.escape(row["label"])}</b></div>'
@@ -239,7 +250,7 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
                                   f"seen in training"})
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / (f"eval-{split}" if directory is None
                                                              else f"eval-{Path(directory).name}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim(out_dir, "eval", "--out", adopt=_is_eval_folder(out_dir))
     if settings.get("positive"):
         truth = (frame[settings.get("positive_column", "label")] == settings["positive"]).fill_null(False)
         y_all = truth.to_numpy().astype(np.int64)
@@ -254,7 +265,7 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
 
     t = time.perf_counter()
     pixels = PixelCache(cache_dir / "pixels", meta["preprocessing"]["resize_side"])
-    items = list(zip(frame["path"].to_list(), frame["sha256"].to_list()))
+    items = file_items(frame)
     emit("stage", {"name": "decode", "total": len(items)})
     failed = fill_pixel_cache(pixels, items, workers, progress=lambda n: emit("advance", {"n": n}))
     good = np.array([s not in failed for s in frame["sha256"].to_list()], dtype=bool)
@@ -270,6 +281,7 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
     y = y_all[good]
     metrics = compute_metrics(y, probs, classes, threshold)
     metrics.update(source=source, model=str(run_dir), errors=int((~good).sum()), skipped=len(skipped),
+                   skipped_files=dict(sorted(skipped.items())),
                    seconds=round(seconds, 2), images_per_second=round(len(y) / max(seconds, 1e-9), 1))
 
     pred_idx = (probs[:, 1] >= threshold).astype(np.int64) if threshold is not None else probs.argmax(1)
@@ -285,7 +297,7 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
         else:
             errors[i] = failed[sha]
     predictions = pl.DataFrame({
-        "path": frame["path"], "rel_path": frame["rel_path"], "sha256": frame["sha256"], "label": frame["label"],
+        "path": frame["path"], "path_escaped": frame["path_escaped"], "rel_path": frame["rel_path"], "sha256": frame["sha256"], "label": frame["label"],
         "predicted": pl.Series(full_pred, dtype=pl.String), "confidence": pl.Series(conf, dtype=pl.Float32),
         "correct": pl.Series([p == t if p is not None else False for p, t in zip(full_pred, frame["label"])]),
         "error": pl.Series(errors, dtype=pl.String),

@@ -7,14 +7,24 @@ flushed row readable. `resume` skips the files already in the parts and continue
 into OUT (atomically) and removed. Flushes fall on batch boundaries and a resumed run starts on one, so its batches,
 and therefore its numbers, are the same as an uninterrupted run's.
 
-One row per file: path (relative to the folder), label, confidence, topk_labels, topk_scores, error, model, and with
-`embeddings` the feature vector (pooled + style statistics). An unreadable file is a row with an `error`.
+`OUT.parts/` is atelier's own folder (an `.atelier` marker, see `curator.ownership`) and records the run's
+fingerprint (folder, model, options that change rows); `resume` refuses parts of another run, and the clean-up
+removes only the files atelier wrote there. OUT, its parts and their temporary files are never rows themselves, even
+when OUT lies inside the folder. Every file is read through `curator.images.read_source` (regular files only, at most
+`max_bytes`, symbolic links leaving the folder not followed), so FIFOs, devices and outside links become rows.
+
+One row per file: path (relative to the folder, escaped when the name is not UTF-8, see `curator.paths`),
+path_escaped, label, confidence, topk_labels, topk_scores, error, model, and with `embeddings` the feature vector
+(pooled + style statistics). An unreadable file is a row with an `error`.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
-import shutil
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,11 +40,14 @@ from curator.atomic import atomic_path
 from curator.backbones import DEFAULT_BACKBONE, load_backbone
 from curator.embed import default_workers, forward_features, pixel_scale, preprocess_for
 from curator.errors import UsageError
-from curator.images import decode_bytes, iter_files
+from curator.images import DEFAULT_MAX_BYTES, ReadPolicy, iter_files, read_image
+from curator.ownership import MARKER, claim, marker_kind
+from curator.paths import display, relative_text
 from curator.runtime import Runtime, configure_allocator, select_runtime
 
 Event = Callable[[str, dict], None]
 PARTS_SUFFIX = ".parts"
+FINGERPRINT = "fingerprint.json"  # in OUT.parts: what made the parts, so that --resume never mixes two runs
 
 
 @dataclass(frozen=True)
@@ -51,10 +64,15 @@ class PredictSettings:
     resume: bool = False
     compile: bool = False
     flush_every: int = 2048
+    max_bytes: int = DEFAULT_MAX_BYTES
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.batch_size < 1:
-            raise UsageError("--top-k and --batch-size must be at least 1")
+            raise UsageError(f"--top-k and --batch-size must be at least 1, got {self.top_k} and {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
+        ReadPolicy(max_bytes=self.max_bytes)  # raises the one-line error for --max-bytes below 1
         if self.flush_every % self.batch_size:
             raise UsageError(f"flush_every ({self.flush_every}) must be a multiple of the batch size "
                              f"({self.batch_size})")
@@ -86,12 +104,13 @@ class Predictor:
             loaded = checkpoint.load(Path(settings.model))
             self.module = loaded.classifier
             self.backbone = loaded.classifier.backbone
-            self.classes = loaded.classes
+            self.classes = [display(str(c)) for c in loaded.classes]  # Parquet takes no lone surrogates
             pre = loaded.meta["preprocessing"]
             self.square_side, self.crop = int(pre["resize_side"]), int(pre["crop"])
             self.tta = bool(pre.get("tta"))
             self.threshold = loaded.meta.get("threshold")
-            self.name = f"{Path(settings.model).name} ({loaded.meta['backbone']['name']}, {len(self.classes)} classes)"
+            self.name = (f"{display(Path(settings.model).name)} ({loaded.meta['backbone']['name']}, "
+                         f"{len(self.classes)} classes)")
             self.pil_steps = None
         else:
             from timm.data import ImageNetInfo
@@ -151,21 +170,49 @@ class Predictor:
         return probs, feats[:, :self.embedding_width].float()
 
 
+def parts_folder(out: Path) -> Path:
+    """The folder of `out`'s flushed parts: `OUT.parts` beside it."""
+    return out.with_name(out.name + PARTS_SUFFIX)
+
+
+def _show(path: Path | str) -> str:
+    """A path for a message: escaped when a name in it is not UTF-8 (a console cannot print it as it is)."""
+    return display(str(path))
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The files to classify: every entry under `root` but OUT, OUT.parts and their temporary files, so that an OUT
+    inside the folder never becomes rows of its own (and nothing else is skipped)."""
+
+    root: Path
+    out: Path
+    follow_symlinks: bool
+
+    def __iter__(self) -> Iterator[Path]:
+        out_dir, name = os.path.realpath(self.out.parent), self.out.name
+        for path in iter_files(self.root, [parts_folder(self.out)], self.follow_symlinks):
+            ours = path.name == name or path.name.startswith(f".{name}.") and path.name.endswith(".tmp")
+            if not (ours and os.path.realpath(path.parent) == out_dir):
+                yield path
+
+
 class _Batches(torch.utils.data.IterableDataset):
-    """Batches of (relative path, error, uint8 CHW or None) over the files not done yet; worker k of W decodes
+    """Batches of ((path text, escaped), error, uint8 CHW or None) over the files not done yet; worker k of W decodes
     batches k, k+W, ..., which the DataLoader hands back in order."""
 
-    def __init__(self, root: Path, done: set[str], batch_size: int, predictor: Predictor, exclude: list[Path]):
-        self.root = root
+    def __init__(self, inputs: _Inputs, done: set[tuple[str, bool]], batch_size: int, predictor: Predictor,
+                 policy: ReadPolicy):
+        self.inputs = inputs
         self.done = done
         self.batch_size = batch_size
         self.predictor = predictor
-        self.exclude = exclude
+        self.policy = policy
 
     def _paths(self) -> Iterator[list[Path]]:
         batch: list[Path] = []
-        for path in iter_files(self.root, self.exclude):
-            if path.relative_to(self.root).as_posix() in self.done:
+        for path in self.inputs:
+            if relative_text(path, self.inputs.root) in self.done:
                 continue
             batch.append(path)
             if len(batch) == self.batch_size:
@@ -181,13 +228,10 @@ class _Batches(torch.utils.data.IterableDataset):
             if i % workers == worker:
                 yield [self._decode(p) for p in paths]
 
-    def _decode(self, path: Path) -> tuple[str, str | None, np.ndarray | None]:
-        rel = path.relative_to(self.root).as_posix()
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return rel, "file is missing" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc}", None
-        decoded = decode_bytes(path, data, self.predictor.draft)
+    def _decode(self, path: Path) -> tuple[tuple[str, bool], str | None, np.ndarray | None]:
+        """Read through the policy (regular files, size cap, no outside links) and preprocess, or say why not."""
+        rel = relative_text(path, self.inputs.root)
+        decoded = read_image(path, self.predictor.draft, self.policy)
         if not decoded.info.ok:
             return rel, decoded.info.reason or decoded.info.status, None
         try:
@@ -197,12 +241,120 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 def _schema(embeddings: bool) -> pa.Schema:
-    fields = [("path", pa.string()), ("label", pa.string()), ("confidence", pa.float32()),
-              ("topk_labels", pa.list_(pa.string())), ("topk_scores", pa.list_(pa.float32())),
-              ("error", pa.string()), ("model", pa.string())]
+    fields = [("path", pa.string()), ("path_escaped", pa.bool_()), ("label", pa.string()),
+              ("confidence", pa.float32()), ("topk_labels", pa.list_(pa.string())),
+              ("topk_scores", pa.list_(pa.float32())), ("error", pa.string()), ("model", pa.string())]
     if embeddings:
         fields.append(("embedding", pa.list_(pa.float32())))
     return pa.schema(fields)
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def fingerprint(root: Path, settings: PredictSettings) -> dict:
+    """What decides a run's rows: the folder, the model (a run folder and the hashes of its files, or a backbone and
+    its weights file) and every option that changes rows. `resume` never mixes parts of another fingerprint."""
+    if settings.model:
+        from classify.checkpoint import META_NAME, WEIGHTS_NAME
+
+        run = Path(settings.model)
+        model = {"run": _show(os.path.realpath(run)), "weights_sha256": _sha256(run / WEIGHTS_NAME),
+                 "meta_sha256": _sha256(run / META_NAME)}
+    else:
+        model = {"backbone": settings.backbone,
+                 "weights_sha256": _sha256(Path(settings.weights)) if settings.weights else None}
+    return {"root": _show(os.path.realpath(root)), "model": model, "top_k": settings.top_k,
+            "embeddings": settings.embeddings, "max_bytes": settings.max_bytes,
+            "follow_symlinks": settings.follow_symlinks}
+
+
+def _check_paths(root: Path, out: Path) -> None:
+    """DIR must be a folder; --out must name a file in a folder that exists (or can be made) and is writable."""
+    if not root.is_dir():
+        what = "it is a file" if root.exists() else "it does not exist"
+        raise UsageError(f"{_show(root)} is not a folder ({what}); give the folder of images to classify")
+    if out.is_dir():
+        raise UsageError(f"--out {_show(out)} is a folder; give a file name, e.g. {_show(out / 'predictions.parquet')}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {_show(out)} cannot be made: {_show(folder)} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {_show(out)} cannot be written: {_show(folder)} is not writable")
+
+
+def _atelier_meta(out: Path) -> dict | None:
+    """The `atelier` metadata of a predictions file `classify dir` wrote, or None for any other file."""
+    try:
+        meta = json.loads((pq.read_schema(out).metadata or {})[b"atelier"])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _mismatch(stored: object, fp: dict, where: Path) -> UsageError:
+    stored = stored if isinstance(stored, dict) else {}
+    differ = ", ".join(key for key in fp if stored.get(key) != fp[key]) or "format"
+    return UsageError(f"{_show(where)} was made by another run (different {differ}); rerun with the same folder, "
+                      f"model and options, or choose another --out")
+
+
+def _check_fingerprint(parts: Path, fp: dict) -> None:
+    """Parts may only be continued by the run that made them."""
+    try:
+        stored = json.loads((parts / FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        stored = None
+    if stored is None:
+        if any(parts.glob("part-*.parquet")):
+            raise UsageError(f"{_show(parts)} holds parts with no record of the run that made them; delete it and "
+                             f"rerun")
+    elif stored != fp:
+        raise _mismatch(stored, fp, parts)
+
+
+def _check_existing(out: Path, parts: Path, fp: dict, resume: bool) -> bool:
+    """Refuse, before anything is loaded or written, an OUT or OUT.parts that is not this run's to continue; True
+    when OUT is this run's finished result."""
+    if out.exists():
+        meta = _atelier_meta(out)
+        if meta is None:
+            raise UsageError(f"{_show(out)} exists and was not written by `classify dir`; choose another --out")
+        if not resume:
+            raise UsageError(f"{_show(out)} exists; pass --resume to finish or reuse it, or choose another --out")
+        if meta.get("fingerprint", fp) != fp:  # an OUT from before fingerprints were kept is taken as it is
+            raise _mismatch(meta["fingerprint"], fp, out)
+    if not (parts.exists() or parts.is_symlink()):
+        return out.exists()
+    if not resume and marker_kind(parts) == "predictions":
+        raise UsageError(f"{_show(parts)} holds an interrupted run; pass --resume to finish it, or delete it")
+    claim(parts, "predictions", "the parts folder of --out")
+    _check_fingerprint(parts, fp)
+    return False
+
+
+def _claim_parts(parts: Path, fp: dict) -> None:
+    """Make `parts` atelier's folder, recording the run's fingerprint in it first thing."""
+    claim(parts, "predictions", "the parts folder of --out")
+    if not (parts / FINGERPRINT).exists():
+        try:
+            with atomic_path(parts / FINGERPRINT, fsync=True) as tmp:
+                tmp.write_text(json.dumps(fp, indent=1) + "\n")
+        except OSError as exc:
+            raise _write_error(parts / FINGERPRINT, exc) from None
+
+
+def _write_error(path: Path, exc: OSError) -> UsageError:
+    hint = "free some space" if exc.errno == errno.ENOSPC else "fix the folder"
+    return UsageError(f"cannot write {_show(path)}: {exc.strerror or exc}; the rows flushed so far are kept: "
+                      f"{hint} and rerun with --resume")
 
 
 def _write_atomic_table(table: pa.Table, path: Path) -> None:
@@ -210,30 +362,105 @@ def _write_atomic_table(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def _read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[str], int]:
+def _read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[tuple[str, bool]], int]:
+    """The flushed part files, the (path, escaped) pairs they hold and their row count."""
     files = sorted(parts.glob("part-*.parquet"))
-    done: set[str] = set()
+    done: set[tuple[str, bool]] = set()
     rows = 0
     for f in files:
         try:
-            table = pq.read_table(f, columns=["path"])
+            names = pq.read_schema(f).names
+            table = pq.read_table(f, columns=["path", "path_escaped"]) if names == schema.names else None
         except (OSError, pa.ArrowInvalid) as exc:
-            raise UsageError(f"{f} is unreadable ({exc}); delete it and rerun with --resume") from None
-        done.update(table.column("path").to_pylist())
+            raise UsageError(f"{_show(f)} is unreadable ({exc}); delete it and rerun with --resume") from None
+        if table is None:
+            raise UsageError(f"{_show(parts)} was written with other options (columns {names}); rerun with the "
+                             f"same --embeddings setting, or delete it")
+        done.update(zip(table.column("path").to_pylist(), table.column("path_escaped").to_pylist()))
         rows += table.num_rows
-    if files:
-        have = pq.read_schema(files[0])
-        if have.names != schema.names:
-            raise UsageError(f"{parts} was written with other options (columns {have.names}); rerun with the same "
-                             f"--embeddings setting, or delete it")
     return files, done, rows
 
 
 def _join_parts(files: list[Path], out: Path, schema: pa.Schema, meta: dict) -> None:
     """Stream the parts into one Parquet file (one part in memory at a time), atomically."""
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema.with_metadata({"atelier": json.dumps(meta)})) as writer:
-        for f in files:
-            writer.write_table(pq.read_table(f).cast(schema))
+    try:
+        with atomic_path(out) as tmp, \
+                pq.ParquetWriter(tmp, schema.with_metadata({"atelier": json.dumps(meta)})) as writer:
+            for f in files:
+                writer.write_table(pq.read_table(f).cast(schema))
+    except OSError as exc:
+        raise _write_error(out, exc) from None
+
+
+def _own_name(name: str) -> bool:
+    """A file atelier writes in OUT.parts: a part, the fingerprint, the marker, or a temporary file of one of them
+    (`atomic_path` names those `.NAME.RANDOM.tmp`)."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4].rsplit(".", 1)[0]
+    return name in (FINGERPRINT, MARKER) or re.fullmatch(r"part-\d{6,}\.parquet", name) is not None
+
+
+def _remove_parts(parts: Path) -> None:
+    """Remove the files atelier wrote in `parts` (the marker last), and the folder if nothing else is left."""
+    own = [Path(e.path) for e in os.scandir(parts) if e.is_file(follow_symlinks=False) and _own_name(e.name)]
+    for path in sorted(own, key=lambda p: (p.name == FINGERPRINT, p.name == MARKER)):
+        path.unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:
+        pass  # the user put files of their own there: they stay, and so does the folder
+
+
+def _predict_rows(batch: list, predictor: Predictor, runtime: Runtime, k: int, embeddings: bool) -> list[dict]:
+    """One output row per decoded file of `batch`, the model run once on the good ones."""
+    good = [(i, arr) for i, (_, err, arr) in enumerate(batch) if err is None]
+    results: dict[int, tuple] = {}
+    if good:
+        device = torch.device(runtime.device)
+        pixels = torch.from_numpy(np.stack([a for _, a in good])).to(device, non_blocking=True)
+        probs, feats = predictor(pixels, runtime)
+        if predictor.threshold is not None:  # one-vs-rest: the label follows the model's decision threshold
+            top1 = (probs[:, 1] >= predictor.threshold).long()
+        else:
+            top1 = probs.argmax(1)
+        scores, idx = probs.topk(k, dim=1)
+        probs_np, scores_np, idx_np = probs.cpu().numpy(), scores.cpu().numpy(), idx.cpu().numpy()
+        top1_np, feats_np = top1.cpu().numpy(), feats.cpu().numpy()
+        for j, (i, _) in enumerate(good):
+            results[i] = (int(top1_np[j]), float(probs_np[j, top1_np[j]]), idx_np[j], scores_np[j], feats_np[j])
+    rows = []
+    for i, ((text, escaped), err, _) in enumerate(batch):
+        row = {"path": text, "path_escaped": escaped, "label": None, "confidence": None, "topk_labels": None,
+               "topk_scores": None, "error": err, "model": predictor.name}
+        if embeddings:
+            row["embedding"] = None
+        if i in results:
+            top, conf, idx, sc, feat = results[i]
+            row.update(label=predictor.classes[top], confidence=conf,
+                       topk_labels=[predictor.classes[c] for c in idx], topk_scores=sc.tolist())
+            if embeddings:
+                row["embedding"] = feat.tolist()
+        rows.append(row)
+    return rows
+
+
+def _loader(batches: _Batches, settings: PredictSettings, runtime: Runtime) -> torch.utils.data.DataLoader:
+    """Decoded batches in order, from `settings.workers` processes (default: cores - 1)."""
+    workers = default_workers() if settings.workers is None else settings.workers
+    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                       prefetch_factor=4 if workers else None,
+                                       pin_memory=runtime.device.startswith("cuda"))
+
+
+def _load_predictor(settings: PredictSettings, runtime: Runtime, emit: Event) -> Predictor:
+    """The model on the runtime's device, compiled when asked and possible."""
+    predictor = Predictor(settings).to(torch.device(runtime.device))
+    if settings.compile:
+        try:
+            predictor.module = torch.compile(predictor.module)
+        except Exception as exc:  # noqa: BLE001 - compilation support varies by platform; plain eager still works
+            emit("note", {"text": f"--compile unavailable here ({str(exc).splitlines()[0][:120]}); running eager"})
+    return predictor
 
 
 def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
@@ -242,38 +469,24 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
     settings = settings or PredictSettings()
     emit = events or (lambda kind, info: None)
     root, out = Path(root), Path(out)
-    if not root.is_dir():
-        raise UsageError(f"{root} is not a folder")
-    parts = out.with_name(out.name + PARTS_SUFFIX)
-    if out.exists() and not settings.resume:
-        raise UsageError(f"{out} exists; pass --resume to finish or reuse it, or choose another --out")
-    if parts.exists() and not settings.resume:
-        raise UsageError(f"{parts} holds an interrupted run; pass --resume to finish it, or delete it")
-    schema = _schema(settings.embeddings)
-    if out.exists() and not parts.exists():
+    parts = parts_folder(out)
+    _check_paths(root, out)
+    fp = fingerprint(root, settings)
+    if _check_existing(out, parts, fp, settings.resume):
         done_rows = pq.read_metadata(out).num_rows
         return PredictResult(out, done_rows, 0, 0, done_rows, 0.0, select_runtime(settings.device, settings.dtype),
                              "already complete")
     configure_allocator()
     runtime = select_runtime(settings.device, settings.dtype)
-    device = torch.device(runtime.device)
-    predictor = Predictor(settings).to(device)
-    if settings.compile:
-        try:
-            predictor.module = torch.compile(predictor.module)
-        except Exception as exc:  # noqa: BLE001 - compilation support varies by platform; plain eager still works
-            emit("note", {"text": f"--compile unavailable here ({str(exc).splitlines()[0][:120]}); running eager"})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    parts.mkdir(exist_ok=True)
+    predictor = _load_predictor(settings, runtime, emit)
+    _claim_parts(parts, fp)
+    schema = _schema(settings.embeddings)
     part_files, done, resumed = _read_parts(parts, schema)
-    exclude = [out.parent] if out.parent.resolve().is_relative_to(root.resolve()) else []
-    total = sum(1 for _ in iter_files(root, exclude))
-    emit("stage", {"name": "classify", "total": total})
+    inputs = _Inputs(root, out, settings.follow_symlinks)
+    emit("stage", {"name": "classify", "total": sum(1 for _ in inputs)})
     emit("advance", {"n": resumed})
-    workers = default_workers() if settings.workers is None else settings.workers
-    loader = torch.utils.data.DataLoader(
-        _Batches(root, done, settings.batch_size, predictor, exclude), batch_size=None, num_workers=workers,
-        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+    loader = _loader(_Batches(inputs, done, settings.batch_size, predictor,
+                              ReadPolicy(root, settings.max_bytes, settings.follow_symlinks)), settings, runtime)
     k = min(settings.top_k, len(predictor.classes))
     buffer: list[dict] = []
     files = errors = predicted = 0
@@ -281,54 +494,30 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
 
     def flush() -> None:
         nonlocal buffer
-        if not buffer:
-            return
-        index = len(part_files)
-        target = parts / f"part-{index:06d}.parquet"
-        _write_atomic_table(pa.Table.from_pylist(buffer, schema=schema), target)
-        part_files.append(target)
-        buffer = []
+        if buffer:
+            target = parts / f"part-{len(part_files):06d}.parquet"
+            try:
+                _write_atomic_table(pa.Table.from_pylist(buffer, schema=schema), target)
+            except OSError as exc:
+                raise _write_error(target, exc) from None
+            part_files.append(target)
+            buffer = []
 
     for batch in loader:
-        good = [(i, arr) for i, (_, err, arr) in enumerate(batch) if err is None]
-        results: dict[int, tuple] = {}
-        if good:
-            pixels = torch.from_numpy(np.stack([a for _, a in good])).to(device, non_blocking=True)
-            probs, feats = predictor(pixels, runtime)
-            if predictor.threshold is not None:  # one-vs-rest: the label follows the model's decision threshold
-                top1 = (probs[:, 1] >= predictor.threshold).long()
-            else:
-                top1 = probs.argmax(1)
-            scores, idx = probs.topk(k, dim=1)
-            probs_np, scores_np, idx_np = probs.cpu().numpy(), scores.cpu().numpy(), idx.cpu().numpy()
-            top1_np, feats_np = top1.cpu().numpy(), feats.cpu().numpy()
-            for j, (i, _) in enumerate(good):
-                results[i] = (int(top1_np[j]), float(probs_np[j, top1_np[j]]), idx_np[j], scores_np[j],
-                              feats_np[j])
-        for i, (rel, err, _) in enumerate(batch):
-            row = {"path": rel, "label": None, "confidence": None, "topk_labels": None, "topk_scores": None,
-                   "error": err, "model": predictor.name}
-            if i in results:
-                top, conf, idx, sc, feat = results[i]
-                row.update(label=predictor.classes[top], confidence=conf,
-                           topk_labels=[predictor.classes[c] for c in idx], topk_scores=sc.tolist())
-                if settings.embeddings:
-                    row["embedding"] = feat.tolist()
-                predicted += 1
-            elif settings.embeddings:
-                row["embedding"] = None
-            errors += err is not None
-            buffer.append(row)
+        rows = _predict_rows(batch, predictor, runtime, k, settings.embeddings)
+        predicted += sum(row["label"] is not None for row in rows)
+        errors += sum(row["error"] is not None for row in rows)
+        buffer.extend(rows)
         files += len(batch)
         emit("advance", {"n": len(batch)})
         if (resumed + files) % settings.flush_every == 0:
             flush()
     flush()
     seconds = time.perf_counter() - start
-    meta = {"root": str(root.resolve()), "model": predictor.name, "classes": len(predictor.classes),
-            "runtime": {"device": runtime.device, "dtype": runtime.dtype}, "top_k": k}
+    meta = {"root": _show(root.resolve()), "model": predictor.name, "classes": len(predictor.classes),
+            "runtime": {"device": runtime.device, "dtype": runtime.dtype}, "top_k": k, "fingerprint": fp}
     _join_parts(part_files, out, schema, meta)
-    shutil.rmtree(parts)
+    _remove_parts(parts)
     return PredictResult(out, resumed + files, errors, predicted, resumed, seconds, runtime, predictor.name)
 
 

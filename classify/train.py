@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import math
 import random
 import time
@@ -28,11 +29,12 @@ import torch
 from torch import nn
 
 from classify import checkpoint
-from classify.data import PixelCache, SplitTable, fill_pixel_cache, folder_images, read_split_table
+from classify.data import PixelCache, SplitTable, file_items, fill_pixel_cache, folder_images, read_split_table
 from classify.model import Classifier, set_train_mode, set_trainable
 from curator.backbones import TRAIN_BACKBONE, load_backbone
 from curator.embed import EmbeddingCache, cache_for, default_workers
 from curator.errors import UsageError
+from curator.ownership import claim
 from curator.runtime import Runtime, configure_allocator, select_runtime
 
 Event = Callable[[str, dict], None]
@@ -85,6 +87,23 @@ class TrainSettings:
             raise UsageError("--min-precision must be in (0, 1]")
         if not 0 < self.min_scale <= 1:
             raise UsageError("--min-scale must be in (0, 1]")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Every rate, weight and probability is a finite number in its range (NaN passes no comparison)."""
+        ranges = {"lr": (0, None), "head_lr_scale": (0, None), "weight_decay": (0, None), "warmup_epochs": (0, None),
+                  "label_smoothing": (0, 1), "dropout": (0, 1), "rotation": (0, 180), "jitter": (0, 1),
+                  "dann_weight": (0, None)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low
+                    and (high is None or value < high or (value == high and name == "rotation"))):
+                span = f"[{low}, {high})" if high is not None else f">= {low}"
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number {span}, got {value!r}")
+        if not self.probe_l2 or not all(math.isfinite(v) and v > 0 for v in self.probe_l2):
+            raise UsageError(f"--probe-l2 must be positive finite numbers, got {self.probe_l2!r}")
+        if self.probe_steps < 1 or (self.workers is not None and self.workers < 0):
+            raise UsageError("--probe-steps must be >= 1 and --workers >= 0")
 
 
 @dataclass
@@ -271,6 +290,9 @@ def _features_for(table_frame: pl.DataFrame, emb: EmbeddingCache, classifier: Cl
                                              batch_size=batch_size)
         _, feats = predict_pixels(classifier, loader, runtime, tta=False)
         emb.append(missing, feats)
+    if unusable := emb.missing(shas):
+        raise UsageError(f"the backbone gave non-finite features (NaN or inf) for {len(unusable)} images (e.g. sha256 "
+                         f"{unusable[0][:12]}); check --weights and --dtype")
     return emb.get(shas)
 
 
@@ -294,6 +316,15 @@ def _write_state(run_dir: Path, classifier: Classifier, meta: dict) -> None:
     checkpoint.save(run_dir, classifier.state_dict(), meta)
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """An unmarked folder an earlier `classify train` wrote (its model.json is in atelier's checkpoint format)."""
+    try:
+        meta = json.loads((folder / checkpoint.META_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == checkpoint.FORMAT
+
+
 def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, events: Event | None = None,
           table: SplitTable | None = None) -> TrainResult:
     """Train a classifier on the train split of `splits`, select on val, and write `run_dir` (checkpoint,
@@ -305,7 +336,7 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
     t_start = time.perf_counter()
     configure_allocator()
     table = table or read_split_table(splits)
-    run_dir = Path(run_dir)
+    run_dir = claim(Path(run_dir), "run", "--out", adopt=_is_run_folder(Path(run_dir)))
     if settings.positive is not None:
         values = set(table.frame[settings.positive_column].drop_nulls().to_list())
         if settings.positive not in values:
@@ -333,9 +364,10 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
     # pixels, decoded once into the workspace's pixel cache
     t = time.perf_counter()
     pixels = PixelCache(table.workspace / "cache" / "pixels", _resize_side(classifier))
-    items = list(zip(table.frame["path"].to_list(), table.frame["sha256"].to_list()))
+    items = file_items(table.frame)
     emit("stage", {"name": "decode", "total": len(items)})
     failed = fill_pixel_cache(pixels, items, workers, progress=lambda n: emit("advance", {"n": n}))
+    warnings.extend(pixels.warnings)
     skipped = {}
     if failed:
         bad = table.frame.filter(pl.col("sha256").is_in(list(failed)))
@@ -359,7 +391,7 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
         if unreadable:
             warnings.append(f"{len(unreadable)} target files unreadable, e.g. {next(iter(unreadable))}")
         emit("stage", {"name": "decode target", "total": target_frame.height})
-        t_failed = fill_pixel_cache(pixels, list(zip(target_frame["path"].to_list(), target_frame["sha256"].to_list())),
+        t_failed = fill_pixel_cache(pixels, file_items(target_frame),
                                     workers, progress=lambda n: emit("advance", {"n": n}))
         if t_failed:
             warnings.append(f"{len(t_failed)} target images skipped (unreadable)")
@@ -385,6 +417,7 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
     x_train = torch.from_numpy(_features_for(train_rows, emb, classifier, pixels, runtime, settings.batch_size))
     x_val = torch.from_numpy(_features_for(val_rows, emb, classifier, pixels, runtime, settings.batch_size))
     timings["embeddings"] = time.perf_counter() - t
+    warnings.extend(emb.warnings)
     t = time.perf_counter()
     head = classifier.head.cpu()
     head.set_statistics(x_train)

@@ -206,6 +206,53 @@ def feature_layout_of(model, gram: bool = False) -> dict[str, tuple[int, int]]:
     return layout
 
 
+def timm_architecture(name: str) -> str | None:
+    """The timm architecture that backbone `name` builds, or None when `name` is neither registered here nor one of
+    timm's own architecture names.
+
+    Only exact names of `timm.list_models()` count: for a prefixed name (`hf-hub:org/model`, `local-dir:...`) timm
+    fetches a config even with `pretrained=False`, and a tagged one (`resnet50.a1_in1k`) names weights, not an
+    architecture.
+    """
+    import timm
+
+    if not isinstance(name, str):
+        return None
+    spec = REGISTRY.get(name)
+    if spec is not None:
+        return spec.timm_arch
+    if ":" in name or "/" in name or "." in name:
+        return None
+    return name if name in timm.list_models() else None
+
+
+def offline_architecture(name: str, *, skeleton: bool = False) -> torch.nn.Module:  # noqa: F821
+    """Backbone `name`'s architecture with random weights, in eval mode, built without any network access: for
+    rebuilding a saved model whose tensors come from its own file. A name that could only be resolved through a
+    hub (or is unknown) is a `UsageError`, raised before anything is built.
+
+    `skeleton` builds it on PyTorch's meta device: every shape, no memory, so that a file can be checked against
+    the architecture before a large model is allocated.
+    """
+    import timm
+    import torch
+
+    arch = timm_architecture(name)
+    if arch is None:
+        raise UsageError(
+            f"backbone {name!r} cannot be built offline (a saved model is rebuilt from its own tensors and never "
+            f"downloads anything): the architectures are {', '.join(available())} and the plain names of "
+            f"timm.list_models()"
+        )
+    if skeleton:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False)
+    else:
+        model = timm.create_model(arch, pretrained=False)
+    model.eval()
+    return model
+
+
 def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, pretrained: bool = True,
                   hub_check: Callable[[], bool] | None = None, gram: bool = False) -> Backbone:
     """Build `name` in eval mode with its weights; `gram` adds the Gram part to its features (see
@@ -219,8 +266,8 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, 
     import torch
 
     spec = REGISTRY.get(name)
-    arch = spec.timm_arch if spec else name
-    if spec is None and name not in timm.list_models():
+    arch = timm_architecture(name)
+    if arch is None:
         raise UsageError(
             f"unknown backbone {name!r}; offline backbones: {', '.join(available())}; "
             f"or any timm model name (see timm.list_models()) with network access or --weights FILE"

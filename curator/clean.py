@@ -20,9 +20,11 @@ from curator.duplicates import DuplicateSettings, find_duplicates
 from curator.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_files, embedding_matrix
 from curator.errors import ManifestError, UsageError
 from curator.hashing import Fingerprint, to_hex
-from curator.images import STATUS_OK, FileInfo, looks_like_image, scan
-from curator.ingest import CATALOG_NAME, JOURNAL_NAME, read_catalog
+from curator.images import DEFAULT_MAX_BYTES, STATUS_OK, FileInfo, ReadPolicy, looks_like_image, scan
+from curator.ingest import CATALOG_NAME, JOURNAL_NAME, PART_SUFFIX, read_catalog
 from curator.mislabels import MislabelSettings, apply_mislabels
+from curator.ownership import MARKER, claim, marker_kind
+from curator.paths import display, relative_text
 from curator.report import write_report
 from curator.runtime import Runtime, select_runtime
 
@@ -58,6 +60,8 @@ class CleanSettings:
     dtype: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int | None = None
+    max_bytes: int = DEFAULT_MAX_BYTES
+    follow_symlinks: bool = False
     duplicates: DuplicateSettings = field(default_factory=DuplicateSettings)
     mislabels: MislabelSettings = field(default_factory=MislabelSettings)
 
@@ -99,15 +103,18 @@ def group_of(name: str, pattern: re.Pattern | None) -> str | None:
 
 def build_manifest(root: Path, infos: Sequence[FileInfo], fingerprints: Sequence[Fingerprint | None],
                    group_pattern: re.Pattern | None = None) -> pl.DataFrame:
-    """The stage-1 manifest frame for `infos` and their fingerprints (paths under `root`), in the order given."""
+    """The stage-1 manifest frame for `infos` and their fingerprints (paths under `root`), in the order given.
+
+    Names that are not valid UTF-8 are stored escaped (`curator.paths`), with `path_escaped` set."""
     rows = []
     for info, prints in zip(infos, fingerprints, strict=True):
-        rel = Path(info.path).relative_to(root).as_posix()
+        rel, escaped = relative_text(info.path, root)
         parts = rel.split("/")
         rows.append(
             {
                 "id": manifest.row_id(rel),
                 "path": rel,
+                "path_escaped": escaped,
                 "label": parts[0] if len(parts) > 1 else None,
                 "group": group_of(parts[-1], group_pattern),
                 "sha256": info.sha256,
@@ -126,18 +133,45 @@ def build_manifest(root: Path, infos: Sequence[FileInfo], fingerprints: Sequence
                 "colour": prints.colour.hex() if prints else None,
             }
         )
-    return manifest.validate(pl.DataFrame(rows, schema=manifest.schema()))
+    schema = {**manifest.schema(), "path_escaped": pl.Boolean}
+    return manifest.validate(pl.DataFrame(rows, schema=schema))
+
+
+def without_features(frame: pl.DataFrame, missing: Sequence[str]) -> pl.DataFrame:
+    """Ok rows whose image has no usable feature vector (the model gave NaN or inf for it, so the cache refused it)
+    become corrupt rows saying so, rather than rows the later stages would compute from garbage."""
+    if not missing:
+        return frame
+    hit = (pl.col("status") == STATUS_OK) & pl.col("sha256").is_in(list(missing))
+    return frame.with_columns(
+        pl.when(hit).then(pl.lit("corrupt")).otherwise(pl.col("status")).alias("status"),
+        pl.when(hit).then(pl.lit("the model gave non-finite features (NaN or inf) for this image"))
+        .otherwise(pl.col("reason")).alias("reason"),
+        pl.when(hit).then(False).otherwise(pl.col("keep")).alias("keep"),
+    )
+
+
+def unmatched_groups(frame: pl.DataFrame, pattern: re.Pattern | None) -> str | None:
+    """A warning counting the ok rows whose file name --group-pattern did not match (their group is null)."""
+    if pattern is None:
+        return None
+    missed = frame.filter((pl.col("status") == STATUS_OK) & pl.col("group").is_null())
+    if missed.is_empty():
+        return None
+    example = missed["path"][0].rsplit("/", 1)[-1]
+    return (f"--group-pattern {pattern.pattern!r} matched no group in {len(missed)} of "
+            f"{int((frame['status'] == STATUS_OK).sum())} image names (e.g. {example!r}); those rows have no group")
 
 
 def with_provenance(frame: pl.DataFrame, catalog: pl.DataFrame, prefer_pattern: bool = False) -> pl.DataFrame:
     """Provenance from an ingest's catalog, by path: `source`, `source_id`, and the artist as `group` (unless a
     --group-pattern was given, which then wins)."""
     ok = catalog.filter((pl.col("status") == "ok") & pl.col("path").is_not_null()).unique("path", keep="last")
-    joined = frame.join(ok.select("path", pl.col("group").alias("_cat_group"), "source", "source_id"),
-                        on="path", how="left")
+    provenance = ["source", "source_id", *(["source_id_escaped"] if "source_id_escaped" in catalog.columns else [])]
+    joined = frame.join(ok.select("path", pl.col("group").alias("_cat_group"), *provenance), on="path", how="left")
     group = (pl.coalesce("group", "_cat_group") if prefer_pattern else pl.coalesce("_cat_group", "group"))
     joined = joined.with_columns(group.alias("group")).drop("_cat_group")
-    return manifest.validate(joined.select([*frame.columns, "source", "source_id"]))
+    return manifest.validate(joined.select([*frame.columns, *provenance]))
 
 
 def _known_verdicts(root: Path, workspace: Path) -> dict[str, tuple[FileInfo, Fingerprint | None]]:
@@ -162,6 +196,36 @@ def _known_verdicts(root: Path, workspace: Path) -> dict[str, tuple[FileInfo, Fi
     return known
 
 
+def _atelier_own(path: Path, root: Path, ingested: bool) -> bool:
+    """Files atelier itself keeps in a root it filled (`curator ingest`'s catalog, journal, marker and the part files
+    of a killed run): bookkeeping, not data, so they get no row."""
+    if path.parent == root and path.name == MARKER and marker_kind(root) is not None:
+        return True
+    if not ingested:
+        return False
+    if path.parent == root and path.name in (CATALOG_NAME, JOURNAL_NAME):
+        return True
+    return path.name.startswith(".") and path.name.endswith(PART_SUFFIX) and path.parent.parent in (root, root.parent)
+
+
+def check_settings(settings: CleanSettings) -> None:
+    """Refuse settings no run could honour, in one sentence each, before anything is read or written."""
+    if not isinstance(settings.batch_size, int) or settings.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {settings.batch_size!r}")
+    if settings.workers is not None and (not isinstance(settings.workers, int) or settings.workers < 0):
+        raise UsageError(f"--workers must be 0 (decode in the main process) or more, got {settings.workers!r}")
+    ReadPolicy(None, settings.max_bytes)
+
+
+def is_workspace(folder: Path) -> bool:
+    """True for an unmarked folder that an earlier atelier made a workspace of (its manifest carries atelier's
+    metadata), so that it is adopted rather than refused."""
+    try:
+        return "schema_version" in manifest.read_metadata(Path(folder) / manifest.MANIFEST_NAME)
+    except ManifestError:
+        return False
+
+
 def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanResult:
     """Run stage 1 on `settings.root` and write `manifest.parquet` and `settings.json` into the workspace."""
     progress = progress or _Silent()
@@ -172,14 +236,20 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
         raise UsageError(f"root {root} is not a folder")
     root = root.resolve()
     workspace = Path(settings.workspace).resolve()
+    check_settings(settings)
     pattern = compile_group_pattern(settings.group_pattern)
     runtime = select_runtime(settings.device, settings.dtype)
+    policy = ReadPolicy(root, settings.max_bytes, settings.follow_symlinks)
+    if workspace == root:
+        raise UsageError(f"--out {display(str(workspace))} is the folder being cleaned; the workspace must be a folder "
+                         f"of its own (e.g. --out {display(str(root.parent / 'curated'))})")
+    claim(workspace, "workspace", "--out", adopt=is_workspace(workspace))
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     catalog = read_catalog(root)
-    paths = [p for p in scan(root, exclude=[workspace]) if catalog is None or p.parent != root
-             or p.name not in (CATALOG_NAME, JOURNAL_NAME)]
+    paths = [p for p in scan(root, exclude=[workspace], follow_symlinks=settings.follow_symlinks)
+             if not _atelier_own(p, root, catalog is not None)]
     timings["scan"] = time.perf_counter() - t0
     if not paths:
         raise UsageError(f"root folder {root} is empty: no files to clean")
@@ -193,13 +263,14 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     progress.start("integrity + embeddings", len(paths))
     report = embed_files(
         paths, backbone, cache, runtime, batch_size=settings.batch_size, workers=settings.workers,
-        known=_known_verdicts(root, workspace), progress=progress.advance,
+        known=_known_verdicts(root, workspace), progress=progress.advance, policy=policy,
     )
     timings["integrity_and_embeddings"] = report.seconds
     timings["model"] = report.model_seconds
     frame = build_manifest(root, report.infos, report.fingerprints, pattern)
     if catalog is not None:
         frame = with_provenance(frame, catalog, prefer_pattern=pattern is not None)
+    frame = without_features(frame, cache.missing(frame.filter(pl.col("status") == STATUS_OK)["sha256"].to_list()))
     t0 = time.perf_counter()
     ok = (frame["status"] == STATUS_OK).to_numpy()
     ok_shas = frame.filter(pl.Series(ok))["sha256"].to_list()
@@ -214,6 +285,8 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     kept_embeddings = embeddings[kept[ok]] if embeddings is not None and kept.any() else None
     frame, warnings = apply_mislabels(frame, kept_embeddings, settings.mislabels,
                                       cache_dir=workspace / "cache" / backbone.key)
+    unmatched = unmatched_groups(frame, pattern)
+    warnings = [*cache.warnings, *([unmatched] if unmatched else []), *warnings]
     progress.advance(1)
     frame = manifest.validate(frame)
     timings["mislabels"] = time.perf_counter() - t0

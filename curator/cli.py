@@ -23,6 +23,7 @@ from rich.text import Text
 
 from curator.duplicates import DuplicateSettings
 from curator.errors import AtelierError, UsageError
+from curator.images import DEFAULT_MAX_BYTES
 from curator.mislabels import MislabelSettings
 
 app = typer.Typer(
@@ -75,7 +76,7 @@ def _root() -> None:
 
 
 def fail(exc: AtelierError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=exc.exit_code)
 
 
@@ -126,6 +127,11 @@ def clean(
     export: Annotated[Path | None, typer.Option(
         help="Also place the kept images in this folder as a class-folder tree (hard links where possible, "
              "copies otherwise; never overwriting other files), with their manifest.")] = None,
+    max_bytes: Annotated[int, typer.Option(
+        help="Files larger than this many bytes are not read (a `corrupt` row says so).")] = DEFAULT_MAX_BYTES,
+    follow_symlinks: Annotated[bool, typer.Option(
+        "--follow-symlinks", help="Also read files and folders that symbolic links reach outside ROOT (by default "
+                                  "such a link is a row saying where it points).")] = False,
 ) -> None:
     """Scan ROOT, check every file, embed every usable image once (cached), find duplicates, label conflicts and
     likely mislabelled images, and write the manifest and report.html."""
@@ -146,10 +152,11 @@ def clean(
     mislabels = MislabelSettings(action="flag-only" if flag_only else "relabel" if relabel else "remove")
     settings = CleanSettings(root=root, workspace=out, group_pattern=group_pattern, backbone=backbone,
                              weights=weights, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
-                             duplicates=duplicates, mislabels=mislabels)
+                             max_bytes=max_bytes, follow_symlinks=follow_symlinks, duplicates=duplicates,
+                             mislabels=mislabels)
     try:
         if export is not None:
-            check_destination(root, export)
+            check_destination(root, export, workspace=out)
         with progress_bar() as bar:
             result = run_clean(settings, RichProgress(bar))
         exported = export_kept(result.manifest, result.root, export) if export is not None else None
@@ -207,6 +214,8 @@ def split(
                   f"{cert['cosine_threshold']:.3f}); smallest cross-split pHash distance "
                   f"{cert['min_cross_split_phash_distance']} (radius {cert['phash_radius']}); pairs above either: "
                   f"{cert['pairs_above_cosine_or_phash']} after {len(report['certificate_rounds'])} round(s)")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"splits: [bold]{result.path}[/]")
 
 
@@ -241,7 +250,7 @@ def print_clean_summary(result) -> None:
     console.print(f"mislabels: {len(flagged)} flagged ({relabelled} relabelled, "
                   f"{int((flagged['keep']).sum())} kept for review)")
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"manifest: [bold]{result.manifest_path}[/]")
     console.print(f"report:   [bold]{result.report_path}[/]")
 
@@ -257,6 +266,11 @@ TimeoutOpt = Annotated[float, typer.Option(help="Seconds before a request times 
 RetriesOpt = Annotated[int, typer.Option(help="Retries on 429, 5xx and broken connections (exponential backoff "
                                               "with jitter; Retry-After honoured).")]
 MaxBytesOpt = Annotated[int, typer.Option(help="Largest response accepted, in bytes.")]
+FileMaxBytesOpt = Annotated[int, typer.Option(
+    "--max-bytes", help="Largest source file read, in bytes; a larger one becomes a failed row.")]
+FollowOpt = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="Read files that symbolic links reach outside DIRECTORY (default: a failed row "
+                              "saying where the link points).")]
 AgentOpt = Annotated[str | None, typer.Option(help="User-Agent header (default: atelier's, naming the tool).")]
 
 
@@ -294,6 +308,7 @@ class IngestDisplay:
 def _run_ingest(source: str, make_items, out: Path, fetch: dict | None, link: bool = True) -> None:
     from curator.fetch import FetchSettings, PoliteClient
     from curator.ingest import run_ingest
+    from curator.paths import display as shown
 
     try:
         settings = FetchSettings(**(fetch or {}))
@@ -303,7 +318,7 @@ def _run_ingest(source: str, make_items, out: Path, fetch: dict | None, link: bo
                                 link=link, events=display)
     except AtelierError as exc:
         raise fail(exc) from None
-    table = Table(title=f"ingest {source} -> {out}")
+    table = Table(title=f"ingest {source} -> {escape(shown(str(out)))}")
     table.add_column("label")
     table.add_column("images added", justify="right")
     for label, n in sorted(result.by_label.items()):
@@ -313,10 +328,16 @@ def _run_ingest(source: str, make_items, out: Path, fetch: dict | None, link: bo
                   f"{result.bytes / 1e6:.1f} MB downloaded")
     for reason, n in sorted(result.failures.items(), key=lambda kv: -kv[1]):
         console.print(f"  failed x{n}: {escape(reason)}")
-    console.print(f"catalog: [bold]{result.catalog}[/]")
+    console.print(f"catalog: [bold]{escape(shown(str(result.catalog)))}[/]")
 
 
 def _fetch_opts(rate, concurrency, timeout, retries, max_bytes, user_agent) -> dict:
+    """The fetch settings of a network source; NaN or infinite --rate/--timeout are refused here (one line)."""
+    import math
+
+    for name, value in (("--rate", rate), ("--timeout", timeout)):
+        if not math.isfinite(value) or value <= 0:
+            raise fail(UsageError(f"{name} must be a positive number, got {value}"))
     opts = {"rate": rate, "concurrency": concurrency, "timeout": timeout, "retries": retries, "max_bytes": max_bytes}
     if user_agent:
         opts["user_agent"] = user_agent
@@ -396,11 +417,16 @@ def ingest_folder(
     = None,
     link: Annotated[bool, typer.Option(help="Hard-link where possible (--no-link: always copy). Never moves.")]
     = True,
+    max_bytes: FileMaxBytesOpt = DEFAULT_MAX_BYTES,
+    follow_symlinks: FollowOpt = False,
 ) -> None:
-    """Artist or class folders as they are, copied or hard-linked (never moved), verified by the safe loader."""
+    """Artist or class folders as they are, copied or hard-linked (never moved), verified by the safe loader. Only
+    regular files are read; OUT is left out of the listing when it lies inside DIRECTORY."""
     from curator.sources import folder_items
 
-    _run_ingest("folder", lambda client, note: folder_items(directory, group_pattern), out, None, link)
+    _run_ingest("folder", lambda client, note: folder_items(directory, group_pattern, exclude=[out],
+                                                            max_bytes=max_bytes, follow_symlinks=follow_symlinks),
+                out, None, link)
 
 
 @ingest_app.command("artgan")
@@ -411,11 +437,14 @@ def ingest_artgan(
     classes: Annotated[Path | None, typer.Option(help="Class names, lines 'id Name' (default: style_class.txt "
                                                       "beside the CSV).")] = None,
     link: Annotated[bool, typer.Option(help="Hard-link where possible (--no-link: always copy).")] = True,
+    max_bytes: FileMaxBytesOpt = DEFAULT_MAX_BYTES,
+    follow_symlinks: FollowOpt = False,
 ) -> None:
     """The ArtGAN WikiArt dump: CSV lines `Style/artist_title.jpg,class_id`; the artist is the name before '_'."""
     from curator.sources import artgan_items
 
-    _run_ingest("artgan", lambda client, note: artgan_items(directory, csv_file, classes), out, None, link)
+    _run_ingest("artgan", lambda client, note: artgan_items(directory, csv_file, classes, max_bytes=max_bytes,
+                                                            follow_symlinks=follow_symlinks), out, None, link)
 
 
 @ingest_app.command("parquet")
@@ -433,7 +462,9 @@ def ingest_parquet(
 
 
 def main() -> None:
-    app()
+    from curator import entry
+
+    entry.main(app)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from curator.atomic import atomic_path
 from curator.backbones import Backbone, gram_indices, stats_indices
+from curator.errors import UsageError
 from curator.hashing import Fingerprint, fingerprint
-from curator.images import FileInfo, decode_bytes, read_image
+from curator.images import FileInfo, ReadPolicy, decode_bytes, read_source
 from curator.runtime import Runtime
 
 EMBEDDING_PARTS = ("pooled", "stats")
@@ -78,42 +81,144 @@ def pixel_scale(mean: Sequence[float], std: Sequence[float],
     return as_tensor(mean), as_tensor(std)
 
 
-def whole_records(path: Path, itemsize: int) -> int:
-    """How many whole fixed-size records an append-only file holds; a torn last record (a run killed mid-write) is
-    cut off, so appending resumes cleanly."""
+def whole_records(path: Path, itemsize: int, truncate: bool = True) -> int:
+    """How many whole fixed-size records an append-only file holds. A torn last record (a run killed mid-write) is
+    cut off when `truncate` (writers, so that appending resumes cleanly); readers leave the file as it is."""
     size = Path(path).stat().st_size
     whole = size // itemsize
-    if whole * itemsize != size:
+    if truncate and whole * itemsize != size:
         os.truncate(path, whole * itemsize)
     return whole
 
 
-class EmbeddingCache:
-    """Append-only store of (sha256 of file bytes, float16 feature) records for one backbone key.
+def set_aside(path: Path) -> Path:
+    """Rename a damaged cache file (atelier's own) to the first free `NAME.unusable-N` beside it and return that
+    path: nothing is deleted or overwritten, and the user can inspect or remove it."""
+    path = Path(path)
+    n = 1
+    while (target := path.with_name(f"{path.name}.unusable-{n}")).exists() or target.is_symlink():
+        n += 1
+    os.rename(path, target)
+    return target
 
-    A torn last record (a run killed mid-write) is cut off on open, so appending always resumes cleanly.
+
+def parse_layout(raw, dim: int) -> dict[str, tuple[int, int]] | None:
+    """A feature layout from JSON ({name: [start, end]}), or None when it is not one that tiles [0, dim) exactly
+    (so that a hand-edited or foreign layout cannot make a reader slice the wrong columns). `{}` means unknown."""
+    if not isinstance(raw, dict):
+        return None
+    layout = {}
+    for name, span in raw.items():
+        if (not isinstance(span, (list, tuple)) or len(span) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+            return None
+        layout[str(name)] = (int(span[0]), int(span[1]))
+    spans = sorted(layout.values())
+    if spans and (spans[0][0] != 0 or spans[-1][1] != dim or any(a >= b for a, b in spans)
+                  or any(prev[1] != nxt[0] for prev, nxt in zip(spans, spans[1:]))):
+        return None
+    return layout
+
+
+def read_cache_meta(meta_path: Path) -> tuple[dict | None, str | None]:
+    """An embedding cache's metadata, checked for shape: ({key, dim, layout, record_bytes}, None), or (None, what is
+    wrong with it)."""
+    try:
+        meta = json.loads(Path(meta_path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, "its metadata is not readable JSON"
+    if not isinstance(meta, dict):
+        return None, "its metadata is not a JSON object"
+    dim = meta.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        return None, f"its metadata gives the width as {dim!r}"
+    layout = parse_layout(meta.get("layout", {}), dim)
+    if layout is None:
+        return None, f"its metadata layout does not fit its width {dim}"
+    return {"key": meta.get("key"), "dim": dim, "layout": layout, "record_bytes": meta.get("record_bytes")}, None
+
+
+def meta_mismatch(meta: dict, key: str, dim: int, layout: dict[str, tuple[int, int]] | None,
+                  record_bytes: int) -> str | None:
+    """What in checked metadata disagrees with the expected key, width, layout and record size, or None."""
+    if meta["key"] != key:
+        return f"its metadata names backbone key {meta['key']!r}"
+    if meta["dim"] != dim:
+        return f"its metadata gives width {meta['dim']}, the backbone's features are {dim} wide"
+    if layout and meta["layout"] != {k: tuple(v) for k, v in layout.items()}:
+        return "its metadata layout is not the backbone's"
+    if meta["record_bytes"] is not None and meta["record_bytes"] != record_bytes:
+        return f"its metadata gives records of {meta['record_bytes']!r} bytes, expected {record_bytes}"
+    return None
+
+
+class EmbeddingCache:
+    """Append-only store of (sha256 of file bytes, float16 feature) records for one backbone key, with a `KEY.json`
+    metadata file (key, width, layout, record size).
+
+    Verified, not trusted, on open:
+    - metadata that disagrees with the backbone (width, layout, key, record size; unreadable; or a record file with
+      no metadata) makes the cache unusable: a writer sets both files aside (`*.unusable-N`, never deleted) and starts
+      a fresh cache, with a warning, rather than reading or truncating records of another width;
+    - records with a NaN or infinite value are dropped (a writer rewrites the file without them), with a warning:
+      they are not in `shas()`, so the next embedding pass computes them again, and `get` never returns them;
+    - a torn last record (a run killed mid-write) is cut off by a writer, so appending resumes cleanly.
+    Readers (`writable=False`, as `open_cache` makes) never change the files. Warnings collect in `self.warnings`.
     """
 
-    def __init__(self, directory: Path, key: str, dim: int, layout: dict[str, tuple[int, int]] | None = None):
+    def __init__(self, directory: Path, key: str, dim: int, layout: dict[str, tuple[int, int]] | None = None, *,
+                 writable: bool = True):
         self.directory = Path(directory)
         self.key = key
         self.dim = dim
+        self.writable = writable
         self.path = self.directory / f"{key}.emb"
         self.meta_path = self.directory / f"{key}.json"
         self.layout = dict(layout or {})
         self.record = np.dtype([("sha", "u1", (32,)), ("vec", "<f2", (dim,))])
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if not self.meta_path.exists():
-            self.meta_path.write_text(json.dumps({"key": key, "dim": dim, "layout": layout or {}}, indent=2))
+        self.warnings: list[str] = []
         self._index: dict[bytes, int] = {}
         self._vectors = np.zeros((0, dim), dtype=np.float16)
+        if writable:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._verify_meta()
         self._load()
+
+    def _verify_meta(self) -> None:
+        """Set aside a cache whose metadata is missing, unreadable or disagrees with this backbone; write fresh
+        metadata where there is none."""
+        if self.meta_path.exists():
+            meta, problem = read_cache_meta(self.meta_path)
+            if meta is not None:
+                problem = meta_mismatch(meta, self.key, self.dim, self.layout, self.record.itemsize)
+        else:
+            problem = "its records have no metadata file" if self.path.exists() else None
+        if problem:
+            moved = [set_aside(p).name for p in (self.path, self.meta_path) if p.exists()]
+            self.warnings.append(f"embedding cache {self.key} was unusable ({problem}); set aside as "
+                                 f"{' and '.join(moved)} in {self.directory} and rebuilt")
+        if not self.meta_path.exists():
+            meta = {"key": self.key, "dim": self.dim, "layout": self.layout, "record_bytes": self.record.itemsize}
+            with atomic_path(self.meta_path) as tmp:
+                tmp.write_text(json.dumps(meta, indent=2))
 
     def _load(self) -> None:
         if not self.path.exists():
             return
-        whole = whole_records(self.path, self.record.itemsize)
+        whole = whole_records(self.path, self.record.itemsize, truncate=self.writable)
         records = np.fromfile(self.path, dtype=self.record, count=whole)
+        finite = np.isfinite(records["vec"]).all(axis=1)
+        if not finite.all():
+            bad = int((~finite).sum())
+            records = records[finite]
+            if self.writable:
+                with atomic_path(self.path, fsync=True) as tmp:
+                    records.tofile(tmp)
+                action = "dropped; they will be computed again"
+            else:
+                action = "ignored; run `curator clean` again to recompute them"
+            self.warnings.append(f"embedding cache {self.key}: {bad} of {whole} cached vectors held NaN or infinite "
+                                 f"values and were {action}")
         self._vectors = records["vec"]
         self._index = {sha.tobytes(): i for i, sha in enumerate(records["sha"])}
 
@@ -124,13 +229,22 @@ class EmbeddingCache:
         return bytes.fromhex(sha) in self._index
 
     def shas(self) -> set[str]:
+        """The sha256 of every file with a usable (finite) cached vector."""
         return {sha.hex() for sha in self._index}
 
     def append(self, shas: Sequence[str], vectors: np.ndarray) -> None:
-        """Persist a batch (flushed and synced before returning)."""
+        """Persist a batch (flushed and synced before returning). Vectors with a NaN or infinite value (after the
+        float16 cast) are not stored, with a warning: their shas stay uncached and `get` refuses them."""
+        if not self.writable:
+            raise PermissionError(f"embedding cache {self.key} was opened read-only")
         records = np.empty(len(shas), dtype=self.record)
         records["sha"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
         records["vec"] = vectors.astype(np.float16)
+        finite = np.isfinite(records["vec"]).all(axis=1)
+        if not finite.all():
+            self.warnings.append(f"embedding cache {self.key}: the model gave NaN or infinite features for "
+                                 f"{int((~finite).sum())} images; not cached")
+            records = records[finite]
         with open(self.path, "ab") as fh:
             fh.write(records.tobytes())
             fh.flush()
@@ -140,8 +254,13 @@ class EmbeddingCache:
         for i, sha in enumerate(records["sha"]):
             self._index[sha.tobytes()] = start + i
 
+    def missing(self, shas: Sequence[str]) -> list[str]:
+        """Those of `shas` with no usable cached vector, in order."""
+        return [sha for sha in shas if bytes.fromhex(sha) not in self._index]
+
     def get(self, shas: Sequence[str]) -> np.ndarray:
-        """float32 features for `shas`, in order; raises KeyError naming the first one not cached."""
+        """float32 features for `shas`, in order; raises KeyError naming the first one not cached (or dropped as
+        damaged)."""
         rows = []
         for sha in shas:
             key = bytes.fromhex(sha)
@@ -156,19 +275,34 @@ def _cache_dir(workspace: Path) -> Path:
 
 
 def cache_for(workspace: Path, backbone: Backbone) -> EmbeddingCache:
-    """The workspace's embedding cache for this backbone (weights, preprocessing and feature layout included)."""
+    """The workspace's embedding cache for this backbone (weights, preprocessing and feature layout included), opened
+    for writing: an unusable one is set aside and rebuilt (see `EmbeddingCache`)."""
     return EmbeddingCache(_cache_dir(workspace), backbone.key, backbone.feature_dim, backbone.feature_layout)
 
 
-def open_cache(workspace: Path, key: str) -> EmbeddingCache:
-    """An existing cache in `workspace` by backbone key, with its width and layout read from its metadata."""
+def open_cache(workspace: Path, key: str, layout: dict | None = None) -> EmbeddingCache:
+    """An existing cache in `workspace` by backbone key, read-only, with its width and layout read from its metadata.
+
+    The metadata is checked (well-formed, the key it names, and `layout` when given, e.g. the manifest's record of
+    the backbone's layout); a cache that fails is refused with a `UsageError` saying to run `curator clean`, which
+    rebuilds it, rather than read at a width it was not written with."""
     directory = _cache_dir(workspace)
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", key):
+        raise UsageError(f"the manifest names backbone key {key!r}, which is not one atelier writes; run `curator "
+                         f"clean` again")
     meta_path = directory / f"{key}.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no embedding cache for {key} in {directory}; run `curator clean` first")
-    meta = json.loads(meta_path.read_text())
-    layout = {name: tuple(span) for name, span in meta["layout"].items()}
-    return EmbeddingCache(directory, key, int(meta["dim"]), layout)
+        raise UsageError(f"no embedding cache for {key} in {directory}; run `curator clean` first")
+    meta, problem = read_cache_meta(meta_path)
+    if meta is not None:
+        expected = parse_layout(layout, meta["dim"]) if layout else None
+        record_bytes = np.dtype([("sha", "u1", (32,)), ("vec", "<f2", (meta["dim"],))]).itemsize
+        problem = (f"its metadata gives width {meta['dim']}, which the manifest's feature layout does not fit"
+                   if layout and expected is None else meta_mismatch(meta, key, meta["dim"], expected, record_bytes))
+    if problem:
+        raise UsageError(f"the embedding cache {meta_path.with_suffix('.emb')} is unusable ({problem}); run "
+                         f"`curator clean` again to rebuild it")
+    return EmbeddingCache(directory, key, meta["dim"], meta["layout"], writable=False)
 
 
 def select_parts(features: np.ndarray, layout: dict[str, tuple[int, int]], parts: Sequence[str]) -> np.ndarray:
@@ -235,7 +369,8 @@ class _DecodeDataset:
     """
 
     def __init__(self, paths: Sequence[Path], preprocess: Preprocess, cached: set[str],
-                 known: dict[str, tuple[FileInfo, Fingerprint | None]]):
+                 known: dict[str, tuple[FileInfo, Fingerprint | None]], policy: ReadPolicy):
+        self.policy = policy
         self.paths = list(paths)
         self.preprocess = preprocess
         self.cached = cached
@@ -246,11 +381,9 @@ class _DecodeDataset:
 
     def __getitem__(self, index: int):
         path = self.paths[index]
-        try:
-            data = path.read_bytes()
-        except OSError:
-            decoded = read_image(path)  # turns the read failure into the right row
-            return index, decoded.info, None, None
+        data, row = read_source(path, self.policy)
+        if row is not None:
+            return index, row.info, None, None
         sha = hashlib.sha256(data).hexdigest()
         prior, prior_print = self.known.get(sha, (None, None))
         if prior is not None and (not prior.ok or (sha in self.cached and prior_print is not None)):
@@ -304,11 +437,12 @@ def default_workers() -> int:
 def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache, runtime: Runtime, *,
                 batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                 known: dict[str, tuple[FileInfo, Fingerprint | None]] | None = None,
-                progress: ProgressFn | None = None) -> EmbedReport:
+                progress: ProgressFn | None = None, policy: ReadPolicy = ReadPolicy()) -> EmbedReport:
     """Judge and fingerprint every file, and make sure every ok image's features are in `cache`.
 
     `known` maps sha256 to an earlier verdict and fingerprint (from a previous manifest): such files are hashed but
-    not decoded again when their embedding is cached too.
+    not decoded again when their embedding is cached too. Files are read through `policy` (regular files only, a
+    size cap, links leaving its root not followed).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -320,7 +454,7 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
     device = torch.device(runtime.device)
     backbone.model.to(device).to(memory_format=torch.channels_last)  # in place: modules move themselves
     mean, std = pixel_scale(preprocess.mean, preprocess.std, device)
-    dataset = _DecodeDataset(paths, preprocess, cache.shas(), known or {})
+    dataset = _DecodeDataset(paths, preprocess, cache.shas(), known or {}, policy)
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ IMAGE_EXTENSIONS = frozenset(
 MAX_PIXELS = 178_956_970
 #: Images whose shorter side is below this many pixels carry too little to learn from and are rejected.
 MIN_SIDE = 32
+#: Files larger than this are not read (`--max-bytes`): a 179 MP 16-bit TIFF is about 1 GB, a 3 MP JPEG 1-3 MB.
+DEFAULT_MAX_BYTES = 1 << 30
 
 STATUS_OK = "ok"
 STATUS_CORRUPT = "corrupt"
@@ -76,19 +79,25 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
-def scan(root: Path, exclude: Iterable[Path] = ()) -> list[Path]:
-    """Every file under `root` (symlinks followed once, loops cut, `exclude` folders skipped), naturally sorted.
-
-    Broken symbolic links are listed too, so that they become rows rather than vanish.
-    """
-    return list(iter_files(root, exclude))
+def scan(root: Path, exclude: Iterable[Path] = (), follow_symlinks: bool = False) -> list[Path]:
+    """Every file under `root` (see `iter_files`), naturally sorted, as a list."""
+    return list(iter_files(root, exclude, follow_symlinks))
 
 
-def iter_files(root: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:
-    """Every file under `root`, lazily, in natural order of each folder's entries (folders sorted as `name/`, so
-    the order matches `scan`'s for ordinary names); symlinked folders followed once, loops cut.
+def inside(path: Path | str, root: Path | str) -> bool:
+    """True when `path`, with every symbolic link resolved, lies under `root` (resolved too)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
-    Memory is bounded by the largest single folder, not by the tree.
+
+def iter_files(root: Path, exclude: Iterable[Path] = (), follow_symlinks: bool = False) -> Iterator[Path]:
+    """Every entry under `root` that is not a folder, lazily, in natural order of each folder's entries (folders
+    sorted as `name/`, so the order matches `scan`'s for ordinary names).
+
+    Symbolic links to folders are followed once (loops cut) when they stay inside `root`, or with
+    `follow_symlinks`; a link that leaves `root` is listed as an entry of its own, so that it becomes a row saying
+    where it points rather than bringing outside files in. Broken links, FIFOs, sockets and devices are listed too
+    (the loader turns them into rows without reading them). Memory is bounded by the largest single folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -109,6 +118,8 @@ def iter_files(root: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:
         for entry in entries:
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
+                if is_dir and entry.is_symlink() and not follow_symlinks and not inside(entry.path, root):
+                    is_dir = False
             except OSError:
                 is_dir = False
             keyed.append((natural_key(entry.name + ("/" if is_dir else "")), is_dir, entry.name))
@@ -132,12 +143,16 @@ def _sniff(head: bytes) -> str | None:
 
 
 def looks_like_image(path: Path) -> bool:
-    """Cheap pre-check: an image extension, or image magic bytes at the start of the file."""
+    """Cheap pre-check: an image extension, or image magic bytes at the start of a regular file (FIFOs and devices
+    are never opened for reading)."""
     if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
         return True
     try:
-        with open(path, "rb") as fh:
-            return _sniff(fh.read(16)) is not None
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb", buffering=0) as fh:
+            return stat.S_ISREG(os.fstat(fd).st_mode) and _sniff(fh.read(16)) is not None
     except OSError:
         return False
 
@@ -263,21 +278,118 @@ def decode_bytes(path: Path, data: bytes, draft_size: tuple[int, int] | None = N
     return Decoded(info, rgb)
 
 
-def read_image(path: Path, draft_size: tuple[int, int] | None = None) -> Decoded:
-    """Read, hash, judge and decode one file; never raises for a bad file, returns a corrupt row instead."""
-    path = Path(path)
+@dataclass(frozen=True)
+class ReadPolicy:
+    """What the loader may open: regular files only, at most `max_bytes`, and (unless `follow_symlinks`) nothing a
+    symbolic link reaches outside `root`. Every command that reads a user's files reads through one of these."""
+
+    root: Path | None = None
+    max_bytes: int = DEFAULT_MAX_BYTES
+    follow_symlinks: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_bytes, int) or self.max_bytes < 1:
+            from curator.errors import UsageError
+
+            raise UsageError(f"--max-bytes must be a positive number of bytes, got {self.max_bytes!r}")
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _ignored(path: Path, reason: str, size: int = 0) -> Decoded:
+    return Decoded(FileInfo(path, None, size, None, None, None, None, STATUS_IGNORED, reason), None)
+
+
+def _kind_of(mode: int) -> str | None:
+    for test, name in _NOT_REGULAR:
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _outside_link(path: Path, policy: ReadPolicy) -> Decoded | None:
+    """The row for a path that a symbolic link takes outside the policy's root, or None when it may be read."""
+    if policy.follow_symlinks or policy.root is None or inside(path, policy.root):
+        return None
+    from curator.paths import display
+
     try:
-        data = path.read_bytes()
+        target = os.readlink(path) if os.path.islink(path) else os.path.realpath(path)
+    except OSError:
+        target = os.path.realpath(path)
+    return _ignored(path, f"symbolic link to {display(str(target))} outside the scanned folder: not followed "
+                          f"(--follow-symlinks reads it)")
+
+
+def read_source(path: Path, policy: ReadPolicy = ReadPolicy()) -> tuple[bytes | None, Decoded | None]:
+    """A file's bytes when it is a regular file, inside the policy, under the size cap and possibly an image;
+    otherwise the row that says why it was not read: `(bytes, None)` or `(None, row)`.
+
+    The file type is checked on the open descriptor (opened non-blocking, so a FIFO never hangs), non-images are
+    judged from their first 16 bytes without reading the rest, and no read goes past `max_bytes`.
+    """
+    path = Path(path)
+    row = _outside_link(path, policy)
+    if row is not None:
+        return None, row
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        if path.is_symlink():
-            return Decoded(
-                FileInfo(path, None, 0, None, None, None, None, STATUS_IGNORED, "broken symbolic link (target missing)"),
-                None,
-            )
-        return _corrupt(path, None, 0, "file disappeared while reading")
+        if os.path.islink(path):
+            return None, _ignored(path, "broken symbolic link (target missing)")
+        return None, _corrupt(path, None, 0, "file disappeared while reading")
     except OSError as exc:
-        return _corrupt(path, None, 0, f"cannot read file: {exc.strerror or exc}")
-    return decode_bytes(path, data, draft_size)
+        try:
+            kind = _kind_of(os.stat(path).st_mode)
+        except OSError:
+            kind = None
+        if kind is not None:
+            return None, _ignored(path, f"not a regular file: {kind}")
+        return None, _corrupt(path, None, 0, f"cannot read file: {exc.strerror or exc}")
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        info = os.fstat(fd)
+        kind = _kind_of(info.st_mode)
+        if kind is not None:
+            return None, _ignored(path, f"not a regular file: {kind}")
+        size = info.st_size
+        try:
+            head = fh.read(16)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS and _sniff(head) is None:
+                shown = path.suffix.lower() or path.name
+                from curator.paths import display
+
+                return None, _ignored(path, f"not an image file ({display(shown)})", size)
+            if size > policy.max_bytes:
+                return None, _corrupt(path, None, size, f"too large: {size:,} bytes exceeds --max-bytes "
+                                                        f"{policy.max_bytes:,}")
+            data = head + _read_bounded(fh, policy.max_bytes + 1 - len(head))
+        except OSError as exc:
+            return None, _corrupt(path, None, size, f"cannot read file: {exc.strerror or exc}")
+    if len(data) > policy.max_bytes:
+        return None, _corrupt(path, None, len(data), f"too large: more than --max-bytes {policy.max_bytes:,} "
+                                                     f"bytes (the file grew while being read)")
+    return data, None
+
+
+def _read_bounded(fh, limit: int) -> bytes:
+    chunks, left = [], limit
+    while left > 0:
+        chunk = fh.read(min(left, 1 << 22))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_image(path: Path, draft_size: tuple[int, int] | None = None, policy: ReadPolicy = ReadPolicy()) -> Decoded:
+    """Read (through `policy`), hash, judge and decode one file; never raises for a bad file, returns a row instead."""
+    data, row = read_source(path, policy)
+    if row is not None:
+        return row
+    return decode_bytes(Path(path), data, draft_size)
 
 
 def write_thumbnail(source: Path, target: Path, side: int) -> bool:

@@ -1,14 +1,25 @@
 """`curator ingest`: fill a class-folder tree (`OUT/<label>/<file>`) and `OUT/catalog.parquet` from a source.
 
 Every item a source yields becomes exactly one catalog row: `status=ok` with the file's path and sha256, or
-`status=failed` with the reason (an HTML page, an empty or truncated body, a body over `--max-bytes`, bytes no
-decoder accepts, a missing file, an HTTP error after retries). A failed item never leaves a file in the tree.
+`status=failed` with the reason (an HTML page, an empty or truncated body, a body or file over `--max-bytes`, bytes
+no decoder accepts, a missing file, a FIFO or other non-regular file, a symbolic link leaving the source folder, an
+HTTP error after retries). A failed item never leaves a file in the tree.
+
+OUT is atelier's own folder: it is claimed with `curator.ownership.claim(out, "ingest", ...)` (a `.atelier` marker),
+so ingest never writes into a folder holding a user's files, and it only replaces or removes what it wrote itself
+(its `.NAME.atelier-part` files and the files its catalog names). An unmarked OUT that holds an ingest catalog from
+an earlier version is adopted.
 
 Resumable: each row is appended to `OUT/.catalog.journal.jsonl` (flushed and synced) the moment its file is in place,
 and the journal is folded into `catalog.parquet` (atomically) at the start and end of every run. A rerun skips items
-whose row is ok and whose file still has its sha256, and retries the failed ones. Files are written as `*.part` and
-renamed, so a killed run leaves no half-written image; a name already taken by different content gets a suffix
-instead of overwriting it.
+whose row is ok and whose file still has its sha256, and retries the failed ones. Files are written as
+`.NAME.atelier-part` and renamed, so a killed run leaves no half-written image; a name already taken by different
+content gets a suffix instead of overwriting it. Written files get the user's umask permissions (hard links keep
+their source's).
+
+Any file name becomes a row: a name that is not valid UTF-8 is stored escaped (`curator.paths.to_text`) in
+`source_id`, with `source_id_escaped = true`; every other text column is stored as storable text, and the landed file
+and folder names are always valid UTF-8.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -26,19 +38,30 @@ from pathlib import Path
 
 import polars as pl
 
+from curator.atomic import atomic_path, file_mode
 from curator.errors import UsageError
 from curator.fetch import FetchError, PoliteClient
 from curator.hashing import file_sha256
-from curator.images import decode_bytes
-from curator.manifest import write_atomic
+from curator.images import ReadPolicy, decode_bytes, read_source
+from curator.manifest import SCHEMA_VERSION
+from curator.ownership import claim, marker_kind
+from curator.paths import to_text
 
 CATALOG_NAME = "catalog.parquet"
 JOURNAL_NAME = ".catalog.journal.jsonl"
+#: The `kind` in the `atelier` key-value metadata of the catalog's Parquet footer: how a catalog is recognised.
+CATALOG_KIND = "ingest-catalog"
+#: Suffix of the temporary files ingest writes before renaming: only files named `.*{PART_SUFFIX}` are ever removed.
+PART_SUFFIX = ".atelier-part"
 CATALOG_SCHEMA: dict[str, pl.DataType] = {
     "path": pl.String, "label": pl.String, "group": pl.String, "source": pl.String, "source_id": pl.String,
     "url": pl.String, "title": pl.String, "artist": pl.String, "year": pl.String, "style": pl.String,
     "genre": pl.String, "tags": pl.List(pl.String), "sha256": pl.String, "status": pl.String, "error": pl.String,
+    "source_id_escaped": pl.Boolean,
 }
+#: Columns every catalog has had since the first version; the others are filled in when an older catalog lacks them.
+REQUIRED_COLUMNS = ("path", "label", "group", "source", "source_id", "sha256", "status", "error")
+STATUSES = ("ok", "failed")
 MAX_NAME_BYTES = 120
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "MPO": ".jpg"}
 Event = Callable[[str, dict], None]
@@ -46,7 +69,12 @@ Event = Callable[[str, dict], None]
 
 @dataclass
 class Item:
-    """One image a source offers: where its bytes come from (url, inline data or a local file) and what it is."""
+    """One image a source offers: where its bytes come from (url, inline data or a local file) and what it is.
+
+    `source_id` is text; for a local file whose name is not valid UTF-8 it is the escaped name
+    (`curator.paths.to_text`) and `escaped` is true. A local file is read through `policy` (regular files only, size
+    cap, symbolic links kept inside the source folder); without one, links may not leave the file's own folder.
+    """
 
     source: str
     source_id: str
@@ -63,6 +91,8 @@ class Item:
     genre: str | None = None
     tags: list[str] = field(default_factory=list)
     error: str | None = None  # the source already knows the item is broken (e.g. a CSV line naming no file)
+    escaped: bool = False
+    policy: ReadPolicy | None = None
 
 
 @dataclass
@@ -77,14 +107,27 @@ class IngestResult:
     failures: dict[str, int]
 
 
+def storable(text: object) -> str | None:
+    """`text` as a str that UTF-8 writers (Parquet, JSON) accept: unchanged when it already is; a file name with
+    surrogate-escaped bytes as `curator.paths.to_text` escapes it; any other lone surrogate as `\\udXXX`."""
+    if text is None:
+        return None
+    text = str(text)
+    try:
+        return to_text(text)[0]
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def safe_name(text: str | None, fallback: str, max_bytes: int = MAX_NAME_BYTES) -> str:
-    """A file or folder name from untrusted text: NFKC-normalised, no separators, no `..`, no control or shell-
-    hostile characters, no leading dots, at most `max_bytes` UTF-8 bytes; from `fallback` when nothing is left."""
+    """A file or folder name from untrusted text: valid UTF-8, NFKC-normalised, no separators, no `..`, no control or
+    shell-hostile characters, no leading dots, at most `max_bytes` UTF-8 bytes; from `fallback` when nothing is
+    left."""
     return _clean_name(text, max_bytes) or _clean_name(fallback, max_bytes) or "item"
 
 
 def _clean_name(text: str | None, max_bytes: int) -> str:
-    text = unicodedata.normalize("NFKC", text or "")
+    text = unicodedata.normalize("NFKC", storable(text) or "")
     text = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]+", " ", text)
     text = re.sub(r"\.{2,}", ".", text)
     text = re.sub(r"\s+", " ", text).strip(" .-_")
@@ -93,37 +136,161 @@ def _clean_name(text: str | None, max_bytes: int) -> str:
     return text.rstrip(" .")
 
 
+def _key(source: str, source_id: str, escaped: bool | None) -> tuple[str, str, bool]:
+    return storable(source) or "", storable(source_id) or "", bool(escaped)
+
+
+def _row_key(row: dict) -> tuple[str, str, bool]:
+    return _key(row["source"], row["source_id"], row.get("source_id_escaped"))
+
+
+def _item_key(item: Item) -> tuple[str, str, bool]:
+    return _key(item.source, item.source_id, item.escaped)
+
+
 def _row(item: Item, path: str | None, sha: str | None, status: str, error: str | None) -> dict:
-    return {"path": path, "label": item.label, "group": item.group, "source": item.source,
-            "source_id": item.source_id, "url": item.url, "title": item.title, "artist": item.artist,
-            "year": None if item.year is None else str(item.year), "style": item.style, "genre": item.genre,
-            "tags": list(item.tags), "sha256": sha, "status": status, "error": error}
+    s = storable
+    return {"path": path, "label": s(item.label), "group": s(item.group), "source": s(item.source),
+            "source_id": s(item.source_id), "url": s(item.url), "title": s(item.title), "artist": s(item.artist),
+            "year": s(item.year), "style": s(item.style), "genre": s(item.genre),
+            "tags": [s(t) for t in item.tags if t is not None], "sha256": sha, "status": status, "error": s(error),
+            "source_id_escaped": bool(item.escaped)}
+
+
+# ------------------------------------------------------------------------------------------------------ catalog file
+
+
+def _is_regular(path: Path) -> bool:
+    """True for a regular file that is not a symbolic link (never opens it)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def catalog_origin(path: Path) -> str:
+    """Whose `path` (a catalog.parquet) is: "atelier", "foreign" or "unreadable".
+
+    A catalog is atelier's when its Parquet footer carries the key `atelier` whose JSON value has
+    `kind = "ingest-catalog"` (written by `run_ingest`), or, for catalogs of earlier versions, the `atelier` key
+    without a kind on a file that has `source` and `source_id` columns. A symbolic link or other non-regular file is
+    foreign; a regular file that is not Parquet at all is unreadable. Only the footer is read.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not _is_regular(path):
+        return "foreign"
+    try:
+        with open(path, "rb") as fh:  # a file object: arrow refuses paths that are not valid UTF-8
+            footer = pq.read_metadata(fh)
+        names = footer.schema.to_arrow_schema().names
+    except (OSError, ValueError, pa.ArrowException):
+        return "unreadable"
+    try:
+        meta = json.loads((footer.metadata or {}).get(b"atelier", b"null"))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        return "foreign"
+    if meta.get("kind") == CATALOG_KIND:
+        return "atelier"
+    if meta.get("kind") is None and {"source", "source_id"} <= set(names):
+        return "atelier"
+    return "foreign"
+
+
+def _load_catalog(path: Path) -> pl.DataFrame:
+    """Read an atelier catalog and check it: the required columns with text types, known statuses, keys present.
+    Missing newer columns are filled in; anything wrong is a one-line `UsageError`."""
+    try:
+        with open(path, "rb") as fh:  # a file object: polars refuses paths that are not valid UTF-8
+            frame = pl.read_parquet(fh)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise UsageError(f"{path} is unreadable ({_first_line(exc)}); move it away to start over") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    wrong = [f"{c} is {frame.schema[c]}, expected {CATALOG_SCHEMA[c]}" for c in CATALOG_SCHEMA
+             if c in frame.columns and frame.schema[c] not in (CATALOG_SCHEMA[c], pl.Null)]
+    if missing or wrong:
+        what = f"lacks column(s) {', '.join(missing)}" if missing else f"has wrong column types: {'; '.join(wrong)}"
+        raise UsageError(f"{path} is an atelier ingest catalog that {what}; move it away to start over")
+    frame = frame.with_columns(pl.lit(None, dtype=t).alias(c) for c, t in CATALOG_SCHEMA.items()
+                               if c not in frame.columns or frame.schema[c] == pl.Null)
+    frame = frame.select(list(CATALOG_SCHEMA)).with_columns(pl.col("source_id_escaped").fill_null(False))
+    bad = frame.filter(~pl.col("status").is_in(STATUSES) | pl.col("status").is_null())["status"].unique().to_list()
+    if bad:
+        raise UsageError(f"{path} has unknown status value(s) {bad}; expected {', '.join(STATUSES)}")
+    if frame["source"].null_count() or frame["source_id"].null_count():
+        raise UsageError(f"{path} has rows without source or source_id; move it away to start over")
+    return frame
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def read_catalog(root: Path) -> pl.DataFrame | None:
+    """`ROOT/catalog.parquet` when an ingest made ROOT, else None (so that the caller treats any other file of that
+    name as an ordinary file).
+
+    The file counts as atelier's when `catalog_origin` says so, or when ROOT carries an ingest marker. A catalog
+    that is atelier's but unreadable or malformed (wrong column types, unknown statuses) is a one-line `UsageError`.
+    The columns are those of `CATALOG_SCHEMA` (older catalogs are filled in: `source_id_escaped` false).
+    """
+    path = Path(root) / CATALOG_NAME
+    if not _is_regular(path):
+        return None
+    origin = catalog_origin(path)
+    if origin == "foreign" or (origin == "unreadable" and marker_kind(Path(root)) != "ingest"):
+        return None
+    return _load_catalog(path)
+
+
+def _journal_row(line: bytes) -> dict | None:
+    """One journal line as a catalog row, or None for a torn or malformed line."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(row, dict) or row.get("status") not in STATUSES:
+        return None
+    out = {}
+    for column, dtype in CATALOG_SCHEMA.items():
+        value = row.get(column)
+        if column == "tags":
+            value = value or []
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                return None
+        elif column == "source_id_escaped":
+            value = bool(value)
+        elif value is not None and not isinstance(value, str):
+            return None
+        out[column] = value
+    if out["source"] is None or out["source_id"] is None:
+        return None
+    return out
 
 
 class Catalog:
-    """The catalog of one output tree: rows by (source, source_id), journalled as they arrive."""
+    """The catalog of one output tree: rows by (source, source_id, escaped), journalled as they arrive."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
         self.path = self.out / CATALOG_NAME
         self.journal = self.out / JOURNAL_NAME
         self._lock = threading.Lock()
-        self.rows: dict[tuple[str, str], dict] = {}
-        if self.path.is_file():
-            try:
-                frame = pl.read_parquet(self.path)
-            except (OSError, pl.exceptions.PolarsError) as exc:
-                raise UsageError(f"{self.path} is unreadable ({exc}); move it away to start over") from None
-            for row in frame.iter_rows(named=True):
-                self.rows[(row["source"], row["source_id"])] = row
-        if self.journal.is_file():
-            with open(self.journal, encoding="utf-8") as fh:
+        self.rows: dict[tuple[str, str, bool], dict] = {}
+        check_catalog_slot(self.out)
+        if self.path.exists():
+            for row in _load_catalog(self.path).iter_rows(named=True):
+                self.rows[_row_key(row)] = row
+        if _is_regular(self.journal):
+            with open(self.journal, "rb") as fh:
                 for line in fh:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a torn last line from a killed run
-                    self.rows[(row["source"], row["source_id"])] = row
+                    row = _journal_row(line)  # None: a torn last line from a killed run
+                    if row is not None:
+                        self.rows[_row_key(row)] = row
         self.compact()
 
     def add(self, row: dict) -> None:
@@ -133,79 +300,157 @@ class Catalog:
                 fh.write(line)
                 fh.flush()
                 os.fsync(fh.fileno())
-            self.rows[(row["source"], row["source_id"])] = row
+            self.rows[_row_key(row)] = row
 
     def frame(self) -> pl.DataFrame:
         rows = sorted(self.rows.values(), key=lambda r: (r["source"], r["label"] or "", r["source_id"]))
         return pl.DataFrame(rows, schema=CATALOG_SCHEMA)
 
     def compact(self) -> None:
-        """Fold the journal into catalog.parquet (atomically), then drop the journal."""
+        """Fold the journal into catalog.parquet (atomically, marked as atelier's), then drop the journal."""
         with self._lock:
             if not self.rows and not self.path.exists():
                 return
-            write_atomic(self.frame(), self.path)
+            write_catalog(self.frame(), self.path)
             self.journal.unlink(missing_ok=True)
 
     def done(self, item: Item) -> bool:
         """Whether `item` is already in the tree, verified: an ok row whose file still has its sha256."""
-        row = self.rows.get((item.source, item.source_id))
-        if not row or row["status"] != "ok" or not row["path"]:
+        row = self.rows.get(_item_key(item))
+        if not row or row["status"] != "ok" or not row["path"] or ".." in Path(row["path"]).parts:
             return False
         target = self.out / row["path"]
-        return target.is_file() and file_sha256(target) == row["sha256"]
+        return _is_regular(target) and file_sha256(target) == row["sha256"]
+
+
+def write_catalog(frame: pl.DataFrame, path: Path) -> Path:
+    """Write a catalog atomically with atelier's key-value metadata (`atelier` = {"kind": "ingest-catalog", ...}),
+    which is how `catalog_origin` recognises it. Through a file object, so any folder name the OS allows works."""
+    kv = {"atelier": json.dumps({"kind": CATALOG_KIND, "schema_version": SCHEMA_VERSION}, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            frame.write_parquet(fh, metadata=kv)
+    return path
+
+
+def check_catalog_slot(out: Path) -> None:
+    """Refuse (one line) an OUT whose catalog.parquet atelier did not write or cannot read: it is never replaced."""
+    path = Path(out) / CATALOG_NAME
+    if not os.path.lexists(path):
+        return
+    origin = catalog_origin(path)
+    if origin == "foreign":
+        raise UsageError(f"{path} was not written by atelier (no atelier ingest metadata); move it away or choose "
+                         f"another --out")
+    if origin == "unreadable":
+        raise UsageError(f"{path} is not a readable Parquet file; move it away or choose another --out")
+
+
+def _earlier_ingest(out: Path) -> bool:
+    """Whether an unmarked OUT is an ingest tree of an earlier atelier version: its catalog.parquet is atelier's, or
+    it has a journal whose first line is a catalog row."""
+    if catalog_origin(out / CATALOG_NAME) == "atelier":
+        return True
+    journal = out / JOURNAL_NAME
+    if not _is_regular(journal):
+        return False
+    with open(journal, "rb") as fh:
+        return _journal_row(fh.readline(1 << 20)) is not None
+
+
+def prepare_out(out: Path) -> Path:
+    """Claim OUT for ingest (see the module docstring) and remove the part files a killed run left there."""
+    out = Path(out)
+    if out.is_dir():
+        check_catalog_slot(out)
+    claim(out, "ingest", "--out", adopt=out.is_dir() and _earlier_ingest(out))
+    _remove_parts(out)
+    return out
+
+
+def _remove_parts(out: Path) -> None:
+    """Delete `.*.atelier-part` regular files in OUT and its label folders (the only places ingest writes them)."""
+    folders = [out] + [Path(e.path) for e in os.scandir(out) if e.is_dir(follow_symlinks=False)]
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(PART_SUFFIX) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+def _same_file(path: Path, sha: str, size: int) -> bool:
+    """True when `path` is a regular file (not a link) of `size` bytes with content hash `sha`."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size and file_sha256(path) == sha
 
 
 class Writer:
-    """Places verified image bytes in the tree: `*.part` then rename; never overwrites other content."""
+    """Places verified image bytes in the tree: a part file then rename; never overwrites other content."""
 
     def __init__(self, out: Path, link: bool = True):
         self.out = Path(out)
         self.link = link
         self._lock = threading.Lock()
 
-    def place(self, item: Item, data: bytes | None, sha: str, ext: str, own: str | None = None) -> str:
+    def place(self, item: Item, data: bytes, sha: str, ext: str, own: str | None = None,
+              link_from: Path | None = None) -> str:
         """Write the item's file and return its path relative to OUT. `own` is the path an earlier run gave this
-        same item: the only existing file that may be replaced (its content no longer matched)."""
+        same item: the only existing file that may be replaced (its content no longer matched). `link_from`, a
+        local file whose bytes are `data`, is hard-linked instead of copied when linking is on and it still holds
+        exactly those bytes."""
         label = safe_name(item.label, "unlabelled")
         stem = safe_name(item.title, item.source_id, MAX_NAME_BYTES - 40)
         sid = safe_name(item.source_id, "id", 36)
         base = stem if stem == sid else f"{stem}__{sid}"
         folder = self.out / label
         with self._lock:
+            if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+                raise OSError(f"{label} in the output folder is not a folder atelier made")
             folder.mkdir(parents=True, exist_ok=True)
             for n in range(1, 1000):
                 name = f"{base}{'' if n == 1 else f'-{n}'}{ext}"
                 target = folder / name
                 rel = target.relative_to(self.out).as_posix()
-                if target.exists():
-                    if file_sha256(target) == sha:
+                if os.path.lexists(target):
+                    if _same_file(target, sha, len(data)):
                         return rel
                     if rel != own:
                         continue
-                part = target.with_name(f".{name}.part")
-                if item.local is not None and data is None:
-                    self._copy_local(item.local, part)
-                else:
-                    with open(part, "wb") as fh:
-                        fh.write(data or b"")
-                        fh.flush()
-                        os.fsync(fh.fileno())
+                part = target.with_name(f".{name}{PART_SUFFIX}")
+                self._land(part, data, sha, link_from)
                 os.replace(part, target)
-                return target.relative_to(self.out).as_posix()
+                return rel
         raise OSError(f"no free file name for {base}{ext} in {folder}")
 
-    def _copy_local(self, source: Path, part: Path) -> None:
-        import shutil
-
+    def _land(self, part: Path, data: bytes, sha: str, link_from: Path | None) -> None:
         part.unlink(missing_ok=True)
-        if self.link:
+        if link_from is not None and self.link:
             try:
-                os.link(source, part)
-                return
+                os.link(link_from, part)
+                if _same_file(part, sha, len(data)):
+                    return  # a hard link keeps the source's permissions: chmod would change the user's file
+                part.unlink()
             except OSError:
-                pass
-        shutil.copyfile(source, part)
+                part.unlink(missing_ok=True)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fchmod(fh.fileno(), file_mode())
+                os.fsync(fh.fileno())
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
 
 
 def check_image(data: bytes, name: str) -> tuple[str | None, str | None]:
@@ -218,14 +463,32 @@ def check_image(data: bytes, name: str) -> tuple[str | None, str | None]:
     return _EXT.get(decoded.info.format or "", ".img"), None
 
 
+def _read_local(item: Item) -> tuple[bytes | None, str | None]:
+    """A local item's bytes through its read policy, or the reason they were not read."""
+    policy = item.policy or ReadPolicy(root=item.local.parent)
+    data, row = read_source(item.local, policy)
+    if row is not None:
+        reason = row.info.reason or "not read"
+        return None, "file is missing" if reason == "file disappeared while reading" else reason
+    return data, None
+
+
 def run_ingest(items: Iterable[Item], out: Path, client: PoliteClient | None = None, *, concurrency: int = 4,
                link: bool = True, events: Event | None = None) -> IngestResult:
-    """Fetch, verify and place every item; one catalog row each (see the module docstring)."""
+    """Fetch, verify and place every item; one catalog row each (see the module docstring). OUT is claimed first
+    (`prepare_out`); a foreign catalog, a folder of someone else's files or a full disk is a one-line `UsageError`."""
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise UsageError(f"--concurrency must be at least 1, got {concurrency!r}")
     emit = events or (lambda kind, info: None)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.rglob(".*.part"):  # left by a killed run: never a file of the tree
-        stale.unlink(missing_ok=True)
+    out = prepare_out(Path(out))
+    try:
+        return _ingest(items, out, client, concurrency, link, emit)
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {out}: {exc.strerror or _first_line(exc)}") from None
+
+
+def _ingest(items: Iterable[Item], out: Path, client: PoliteClient | None, concurrency: int, link: bool,
+            emit: Event) -> IngestResult:
     catalog = Catalog(out)
     writer = Writer(out, link)
     counts = {"added": 0, "skipped": 0, "failed": 0}
@@ -239,45 +502,43 @@ def run_ingest(items: Iterable[Item], out: Path, client: PoliteClient | None = N
         if error is None:
             try:
                 if item.local is not None:
-                    data = item.local.read_bytes()
+                    data, error = _read_local(item)
                 elif data is None:
                     if client is None or not item.url:
                         raise FetchError("no way to fetch this item")
                     data = client.get_bytes(item.url, headers=item.headers or None)
             except FetchError as exc:
                 error = str(exc)
-            except OSError as exc:
-                error = "file is missing" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc}"
         if error is None:
             ext, error = check_image(data, item.url or str(item.local or item.source_id))
             if error is None:
                 sha = hashlib.sha256(data).hexdigest()
                 try:
-                    prior = catalog.rows.get((item.source, item.source_id)) or {}
-                    path = writer.place(item, None if item.local is not None else data, sha, ext,
-                                        own=prior.get("path"))
+                    prior = catalog.rows.get(_item_key(item)) or {}
+                    path = writer.place(item, data, sha, ext, own=prior.get("path"), link_from=item.local)
                     status = "ok"
                 except OSError as exc:
-                    error = f"cannot write: {exc}"
+                    error = f"cannot write: {exc.strerror or exc}"
         catalog.add(_row(item, path, sha if status == "ok" else None, status, error))
+        label = storable(item.label)
         with lock:
             if status == "ok":
                 counts["added"] += 1
-                by_label[item.label or ""] = by_label.get(item.label or "", 0) + 1
+                by_label[label or ""] = by_label.get(label or "", 0) + 1
             else:
                 counts["failed"] += 1
-                kind = re.sub(r"\d[\d,]*", "N", (error or "?").split(" from ")[0])[:60]
+                kind = re.sub(r"\d[\d,]*", "N", (storable(error) or "?").split(" from ")[0])[:60]
                 failures[kind] = failures.get(kind, 0) + 1
-        emit("item", {"status": status, "label": item.label, "error": error,
+        emit("item", {"status": status, "label": label, "error": storable(error),
                       "bytes": len(data) if data is not None else 0})
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
         pending: set[Future] = set()
         try:
             for item in _dedupe(items):
                 if catalog.done(item):
                     counts["skipped"] += 1
-                    emit("item", {"status": "skipped", "label": item.label, "error": None, "bytes": 0})
+                    emit("item", {"status": "skipped", "label": storable(item.label), "error": None, "bytes": 0})
                     continue
                 pending.add(pool.submit(handle, item))
                 if len(pending) >= 4 * concurrency:
@@ -294,21 +555,18 @@ def run_ingest(items: Iterable[Item], out: Path, client: PoliteClient | None = N
 
 
 def _dedupe(items: Iterable[Item]) -> Iterator[Item]:
-    """A listing that offers one (source, source_id) twice (overlapping pages) yields it once."""
-    seen: set[tuple[str, str]] = set()
-    for item in items:
-        key = (item.source, item.source_id)
+    """A listing that offers one (source, source_id) twice (overlapping pages) yields it once; a source that fails
+    to read on is a one-line `UsageError`."""
+    seen: set[tuple[str, str, bool]] = set()
+    iterator = iter(items)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except OSError as exc:  # the source's listing, not OUT: a CSV or parquet that cannot be read on
+            raise UsageError(f"cannot read the source: {exc.strerror or _first_line(exc)}") from None
+        key = _item_key(item)
         if key not in seen:
             seen.add(key)
             yield item
-
-
-def read_catalog(root: Path) -> pl.DataFrame | None:
-    """`ROOT/catalog.parquet` when an ingest made ROOT, else None."""
-    path = Path(root) / CATALOG_NAME
-    if not path.is_file():
-        return None
-    try:
-        return pl.read_parquet(path)
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        raise UsageError(f"{path} is unreadable ({exc})") from None

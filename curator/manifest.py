@@ -33,7 +33,8 @@ CORE: dict[str, Column] = {
     "path": Column(pl.String, "file path relative to the scanned root, POSIX separators"),
     "label": Column(pl.String, "class: the first folder below the root; null for files at the root"),
     "group": Column(pl.String, "group for leak-free splits (e.g. artist) from --group-pattern; null if none"),
-    "sha256": Column(pl.String, "sha256 of the file's bytes; null only when the file could not be read"),
+    "sha256": Column(pl.String, "sha256 of the file's bytes; null when the file was not read (not an image, not a "
+                                "regular file, a link leaving the root, over --max-bytes) or could not be"),
     "bytes": Column(pl.Int64, "file size in bytes"),
     "width": Column(pl.Int32, "width in pixels after EXIF orientation; null when not an image"),
     "height": Column(pl.Int32, "height in pixels after EXIF orientation; null when not an image"),
@@ -51,9 +52,14 @@ CORE: dict[str, Column] = {
 
 # Column groups added by later stages. They are validated for type whenever present.
 OPTIONAL: dict[str, Column] = {
+    # curator.paths: names that are not valid UTF-8, stored losslessly
+    "path_escaped": Column(pl.Boolean, "true when the file name is not valid UTF-8 and `path` holds it with \\xNN "
+                                       "escapes (curator.paths.from_text reads it back); false or absent otherwise"),
     # curator.ingest: provenance from OUT/catalog.parquet when the cleaned root was filled by `curator ingest`
     "source": Column(pl.String, "where the image came from (wikiart, pixiv, folder, artgan, parquet)"),
     "source_id": Column(pl.String, "the image's id at its source (WikiArt contentId, Pixiv id_pN, CSV path, ...)"),
+    "source_id_escaped": Column(pl.Boolean, "true when source_id is a file name that is not valid UTF-8, stored "
+                                            "escaped like `path` (curator.paths)"),
     # curator.duplicates: one group per stage (exact, phash, embedding); scores in [0, 1], lower is worse
     "is_exact_issue": Column(pl.Boolean, "same bytes or same decoded pixels as another ok row"),
     "exact_score": Column(pl.Float32, "0 when the row has an exact copy, else 1"),
@@ -85,6 +91,14 @@ COLUMNS: dict[str, Column] = {**CORE, **OPTIONAL}
 def schema() -> dict[str, pl.DataType]:
     """The core columns and their polars types, in order."""
     return {name: col.dtype for name, col in CORE.items()}
+
+
+def file_paths(frame: pl.DataFrame, root: Path) -> list[Path]:
+    """The files a frame's `path` column names under `root`, escaped names (`path_escaped`) read back losslessly."""
+    from curator.paths import source_path
+
+    escaped = frame["path_escaped"].to_list() if "path_escaped" in frame.columns else [False] * len(frame)
+    return [source_path(root, text, flag) for text, flag in zip(frame["path"].to_list(), escaped, strict=True)]
 
 
 def row_id(path: str) -> str:
@@ -123,8 +137,8 @@ def write_atomic(df: pl.DataFrame, path: Path, metadata: dict | None = None) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kv = {"atelier": json.dumps({"schema_version": SCHEMA_VERSION, **(metadata or {})}, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        df.write_parquet(tmp, metadata=kv)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: polars refuses non-UTF-8 path names
+        df.write_parquet(fh, metadata=kv)
     return path
 
 
@@ -141,7 +155,8 @@ def write_json_atomic(data: dict, path: Path) -> Path:
 def read_metadata(path: Path) -> dict:
     """The atelier metadata stored in a manifest's Parquet footer (schema version, backbone key, ...)."""
     try:
-        kv = pl.read_parquet_metadata(path)
+        with open(path, "rb") as fh:
+            kv = pl.read_parquet_metadata(fh)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from None
     try:
@@ -165,7 +180,8 @@ def read(path: Path) -> pl.DataFrame:
             f"run `curator clean` again"
         )
     try:
-        df = pl.read_parquet(path)
+        with open(path, "rb") as fh:
+            df = pl.read_parquet(fh)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from None
     return validate(df, str(path))

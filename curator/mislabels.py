@@ -17,19 +17,32 @@ Measured on wikiart-dev (bench/mislabels.py, docs/BENCHMARKS.md): ranking by the
 ranking by margin (average precision 0.57 against 0.39 at 10% swaps); confident learning's per-class thresholds
 (cleanlab) flagged about 4x the true number of swaps on these overlapping styles; the null estimate came within
 +0.04 of the true rate at 5-20% swaps (and gives 0.04 on the unswapped data: ambiguous or mislabelled paintings).
+
+Rows the witnesses cannot judge are left unscored (null score, never flagged, left out of the noise estimate): those
+whose own group (artist) makes up more than half of their class, which includes every row of a class by one artist
+and of a one-image class. Both witnesses only hear from other groups, so for such a row they can hardly ever speak for
+its label: the kNN sees at most the few other-group rows of its class, and the grouped probe, when the row's group is
+held out, trains on those few rows alone (on none for a one-artist class). Its low evidence then measures how the class
+was assembled, not whether the label is wrong, and ranking by it flagged one-artist classes wholesale. The only other
+evidence there is, the artist's own other works, agrees with the label by construction. A file by another artist filed
+into such a class is still scored (its group is a minority of the class). Rows with no group (the --group-pattern did
+not match) are each a group of their own, as in `curator split`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from curator.atomic import atomic_path
 
 ACTIONS = ("remove", "flag-only", "relabel")
 
@@ -66,10 +79,11 @@ class MislabelResult:
     votes: np.ndarray  # (n,) neighbours that carry the suggested label
     voters: np.ndarray  # (n,) neighbours consulted
     flagged: np.ndarray  # (n,) bool
-    score: np.ndarray  # (n,) 1 - evidence for the given label: 0..1, higher = more likely wrong
+    score: np.ndarray  # (n,) 1 - evidence for the given label: 0..1, higher = more likely wrong; NaN if unscored
     suggested: np.ndarray  # (n,) class index
-    knn_only_classes: list[str]
-    noise_rate: float  # estimated fraction of wrong labels
+    scored: np.ndarray  # (n,) bool: False where the witnesses cannot judge the label (see the module docstring)
+    unscored_classes: list[str]  # classes with at least one unscored row
+    noise_rate: float  # estimated fraction of wrong labels among the scored rows
 
 
 def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n_classes: int,
@@ -157,56 +171,118 @@ def estimate_noise_rate(evidence: np.ndarray, y: np.ndarray, tau: float = 0.01) 
     return min(float((own < tau).mean()) / null_share, 0.5)
 
 
+def group_codes(groups: list[str | None] | None) -> np.ndarray | None:
+    """Groups as integer codes, each row without a group a code of its own (a unit of one, as in `curator split`);
+    None when no row has a group."""
+    if groups is None or all(g is None for g in groups):
+        return None
+    known: dict[str, int] = {}
+    codes = [known.setdefault(g, len(known)) if g is not None else -1 for g in groups]
+    spare = iter(range(len(known), len(known) + len(codes)))
+    return np.array([c if c >= 0 else next(spare) for c in codes], dtype=np.int64)
+
+
+def judgeable(y: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Per row: whether its own group makes up at most half of its class, so that other groups' rows can speak for
+    its label (see the module docstring). Without groups every row is a group of its own."""
+    n = len(y)
+    g = groups if groups is not None else np.arange(n)
+    _, pair = np.unique(np.stack([y, g]), axis=1, return_inverse=True)
+    pair = pair.ravel()
+    in_pair = np.bincount(pair)[pair]
+    in_class = np.bincount(y)[y]
+    return in_pair * 2 <= in_class
+
+
 def score_mislabels(embeddings: np.ndarray, labels: list[str], groups: list[str | None] | None,
                     settings: MislabelSettings = MislabelSettings(),
                     exclude: set[tuple[int, int]] | None = None) -> MislabelResult:
-    """Evidence, scores and flags for rows with `labels` (strings) and their embeddings."""
+    """Evidence, scores and flags for rows with `labels` (strings), their groups (None where unknown) and their
+    embeddings. Rows that cannot be judged (`judgeable`) still vote as neighbours and train the probe, but get no
+    score, are never flagged and do not enter the noise estimate."""
     classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[c] for c in labels])
-    g = np.array(groups, dtype=object) if groups is not None and any(x is not None for x in groups) else None
+    g = group_codes(groups)
+    n = len(y)
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     probe, has_probe = out_of_fold_probabilities(embeddings, y, g, len(classes), settings.folds,
                                                  settings.regularisation, settings.seed)
-    k = min(settings.neighbours, max(5, len(y) // 10))  # small collections: a tenth of the rows at most
+    k = min(settings.neighbours, max(5, n // 10))  # small collections: a tenth of the rows at most
     knn, counts = neighbour_labels(unit, y, g, len(classes), k, exclude)
     evidence = np.where(has_probe[:, None], (probe + knn) / 2.0, knn)
-    own = evidence[np.arange(len(y)), y]
-    noise_rate = estimate_noise_rate(evidence, y, settings.tau)
-    flagged = np.zeros(len(y), dtype=bool)
-    flagged[np.argsort(own, kind="stable")[: round(noise_rate * len(y))]] = True
+    own = evidence[np.arange(n), y]
+    scored = judgeable(y, g) & has_probe
+    noise_rate = estimate_noise_rate(evidence[scored], y[scored], settings.tau)
+    candidates = np.flatnonzero(scored)
+    flagged = np.zeros(n, dtype=bool)
+    flagged[candidates[np.argsort(own[candidates], kind="stable")][: round(noise_rate * len(candidates))]] = True
     others = evidence.copy()
-    others[np.arange(len(y)), y] = -1.0
+    others[np.arange(n), y] = -1.0
     suggested = others.argmax(axis=1)
-    votes = counts[np.arange(len(y)), suggested]
-    knn_only = sorted({classes[c] for c in y[~has_probe]})
-    return MislabelResult(classes, evidence, probe, knn, votes, counts.sum(axis=1), flagged, 1.0 - own, suggested,
-                          knn_only, noise_rate)
+    votes = counts[np.arange(n), suggested]
+    unscored = sorted({classes[c] for c in y[~scored]})
+    return MislabelResult(classes, evidence, probe, knn, votes, counts.sum(axis=1), flagged,
+                          np.where(scored, 1.0 - own, np.nan), suggested, scored, unscored, noise_rate)
 
 
-_ARRAYS = ("evidence", "probe", "knn", "votes", "voters", "flagged", "score", "suggested")
+_ARRAYS = ("evidence", "probe", "knn", "votes", "voters", "flagged", "score", "suggested", "scored")
+_CACHE_VERSION = 2  # part of the cache key: results of another version are not looked up at all
+
+
+class _DamagedCache(Exception):
+    """A mislabel cache file that cannot be read or does not fit the rows it is meant for."""
 
 
 def cached_score(cache_dir: Path, key_parts: list, embeddings: np.ndarray, labels: list[str],
-                 groups: list[str | None], settings: MislabelSettings) -> MislabelResult:
+                 groups: list[str | None], settings: MislabelSettings) -> tuple[MislabelResult, list[str]]:
     """`score_mislabels`, remembered in `cache_dir` under a hash of everything it depends on (file contents, labels,
-    groups, settings), so a rerun on an unchanged collection does not refit the probe."""
-    digest = hashlib.sha256(json.dumps([key_parts, labels, groups, asdict(settings)], default=str).encode())
-    path = Path(cache_dir) / f"mislabels-{digest.hexdigest()[:24]}.npz"
+    groups, settings), so a rerun on an unchanged collection does not refit the probe; and warnings for the user.
+
+    A cache file is verified before use (readable, every array of the right shape and range for these rows); a
+    damaged one is reported in a warning, recomputed and replaced (it is atelier's own file)."""
+    blob = json.dumps([_CACHE_VERSION, key_parts, labels, groups, asdict(settings)], default=str)
+    path = Path(cache_dir) / f"mislabels-{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npz"
+    notes: list[str] = []
     if path.is_file():
-        with np.load(path, allow_pickle=False) as saved:
-            meta = json.loads(str(saved["meta"]))
-            return MislabelResult(meta["classes"], *(saved[name] for name in _ARRAYS[:5]),
-                                  saved["flagged"], saved["score"], saved["suggested"], meta["knn_only"],
-                                  meta["noise_rate"])
+        try:
+            return _load_result(path, labels), notes
+        except _DamagedCache as exc:
+            notes.append(f"mislabel cache {path.name} was damaged ({exc}); recomputed")
     result = score_mislabels(embeddings, labels, groups, settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"classes": result.classes, "knn_only": result.knn_only_classes,
+    meta = json.dumps({"classes": result.classes, "unscored": result.unscored_classes,
                        "noise_rate": result.noise_rate})
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, meta=np.array(meta), **{name: getattr(result, name) for name in _ARRAYS})
-    os.replace(tmp, path)
-    return result
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, meta=np.array(meta), **{name: getattr(result, name) for name in _ARRAYS})
+    return result, notes
+
+
+def _load_result(path: Path, labels: list[str]) -> MislabelResult:
+    """A cached result, checked against the rows it is for; `_DamagedCache` saying what is wrong otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            arrays = {name: saved[name] for name in _ARRAYS}
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _DamagedCache(f"unreadable: {type(exc).__name__}") from None
+    classes = sorted(set(labels))
+    n, k = len(labels), len(classes)
+    if (not isinstance(meta, dict) or meta.get("classes") != classes
+            or not isinstance(meta.get("unscored"), list) or not all(c in classes for c in meta["unscored"])
+            or not isinstance(meta.get("noise_rate"), (int, float)) or not 0 <= meta["noise_rate"] <= 0.5):
+        raise _DamagedCache("its metadata does not fit these rows")
+    shapes = {"evidence": (n, k), "probe": (n, k), "knn": (n, k)}
+    for name, array in arrays.items():
+        kind = "b" if name in ("flagged", "scored") else "iu" if name in ("votes", "voters", "suggested") else "f"
+        if array.shape != shapes.get(name, (n,)) or array.dtype.kind not in kind:
+            raise _DamagedCache(f"{name} has shape {array.shape} and type {array.dtype}")
+    scored = arrays["scored"]
+    if (not all(np.isfinite(arrays[name]).all() for name in ("evidence", "probe", "knn"))
+            or not np.isfinite(arrays["score"][scored]).all() or (arrays["flagged"] & ~scored).any()
+            or ((arrays["suggested"] < 0) | (arrays["suggested"] >= k)).any()):
+        raise _DamagedCache("its values are out of range")
+    return MislabelResult(classes, *(arrays[name] for name in _ARRAYS), meta["unscored"], float(meta["noise_rate"]))
 
 
 def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
@@ -235,11 +311,11 @@ def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
         result = score_mislabels(embeddings, kept_labels, kept_groups, settings)
     else:
         shas = frame["sha256"].to_list()
-        result = cached_score(cache_dir, [shas[r] for r in rows], embeddings, kept_labels, kept_groups, settings)
-    if result.knn_only_classes:
-        warnings_out.append(
-            f"classes with fewer than 2 images (or 2 artists) for the probe, scored by nearest neighbours alone: "
-            f"{', '.join(result.knn_only_classes)}")
+        result, notes = cached_score(cache_dir, [shas[r] for r in rows], embeddings, kept_labels, kept_groups,
+                                     settings)
+        warnings_out.extend(notes)
+    if not result.scored.all():
+        warnings_out.append(_unscored_warning(kept_labels, result.scored))
     status = frame["status"].to_list()
     keep = frame["keep"].to_list()
     reason = frame["reason"].to_list()
@@ -247,6 +323,8 @@ def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     classes_of = np.array([result.classes.index(label) for label in kept_labels])
     for k, r in enumerate(rows.tolist()):
+        if not result.scored[k]:
+            continue
         score[r] = float(result.score[k])
         suggested[r] = result.classes[result.suggested[k]]
         if not result.flagged[k]:
@@ -273,6 +351,18 @@ def apply_mislabels(frame: pl.DataFrame, embeddings: np.ndarray,
         pl.Series("keep", keep, dtype=pl.Boolean), pl.Series("reason", reason, dtype=pl.String),
     )
     return _with_mislabel_columns(frame, score, suggested, issue, original, witnesses_of), warnings_out
+
+
+def _unscored_warning(labels: list[str], scored: np.ndarray) -> str:
+    """One sentence naming the classes with rows the mislabel check could not judge, and how many of each."""
+    per_class: dict[str, list[int]] = {}
+    for label, ok in zip(labels, scored.tolist()):
+        counts = per_class.setdefault(label, [0, 0])
+        counts[0] += not ok
+        counts[1] += 1
+    named = ", ".join(f"{c} ({u} of {t})" for c, (u, t) in sorted(per_class.items()) if u)
+    return (f"{int((~scored).sum())} images not checked for mislabels: their artist (group) makes up more than half "
+            f"of their class (or the class has one image), so no other artist's work can vouch for the label: {named}")
 
 
 def _with_mislabel_columns(frame, score, suggested, issue, original, witnesses) -> pl.DataFrame:

@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from curator.images import write_thumbnail
+from curator.paths import source_path
 
 PAGE = 200
 THUMB_SIDE = 128
@@ -29,14 +30,15 @@ padding:.4rem;border-bottom:1px solid #eee}.item{width:150px;font-size:.72rem;wo
 """
 
 
-def _thumb(root: Path, rel: str, row_id: str, thumbs: Path) -> str | None:
+def _thumb(root: Path, row: dict, thumbs: Path) -> str | None:
     """Relative URL of the row's thumbnail, made once; None when the file cannot be decoded."""
-    target = thumbs / f"{row_id}.webp"
-    return f"thumbs/{target.name}" if write_thumbnail(root / rel, target, THUMB_SIDE) else None
+    target = thumbs / f"{row['id']}.webp"
+    source = source_path(root, row["path"], row.get("path_escaped"))
+    return f"thumbs/{target.name}" if write_thumbnail(source, target, THUMB_SIDE) else None
 
 
 def _item(root: Path, thumbs: Path, row: dict, css: str, caption: str) -> str:
-    url = _thumb(root, row["path"], row["id"], thumbs)
+    url = _thumb(root, row, thumbs)
     img = f'<img src="{html.escape(url)}" alt="{html.escape(row["path"])}" loading="lazy">' if url else "(no image)"
     return (f'<div class="item {css}">{img}<div>{html.escape(row["path"])}</div>'
             f'<div class="reason">{html.escape(caption)}</div></div>')

@@ -4,10 +4,15 @@ Rows are assigned in units: the union of a duplicate cluster and a group (artist
 Units go to folds with scikit-learn's StratifiedGroupKFold; folds go to splits in the ratios asked for. Afterwards
 the leak certificate searches every split's embeddings and pHashes against the other splits; pairs above the
 duplicate thresholds join one unit and the assignment is redone, until none is left.
+
+Settings are checked where they enter (`SplitSettings`: one-line `UsageError`s), and the embedding cache is verified
+before the certificate uses it: metadata that disagrees with the manifest, or kept rows whose cached vector is missing
+or was dropped as non-finite, stop the split with a sentence saying to run `curator clean` again.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +23,7 @@ import polars as pl
 from curator import manifest
 from curator.duplicates import DuplicateSettings, connected_clusters, radius_pairs, shared_key_pairs, similarity
 from curator.embed import embedding_matrix, open_cache
-from curator.errors import UsageError
+from curator.errors import ManifestError, UsageError
 from curator.hashing import from_hex, to_bytes
 
 SPLITS = ("train", "val", "test")
@@ -40,19 +45,53 @@ class SplitSettings:
     respect_groups: bool = True  # False only to show what the certificate catches
 
     def __post_init__(self) -> None:
-        if len(self.ratios) != 3 or any(r <= 0 for r in self.ratios) or abs(sum(self.ratios) - 1) > 1e-6:
-            raise UsageError(f"--ratios must be three positive numbers summing to 1; got {self.ratios!r}")
-        if not re.fullmatch(r"none|undersample|oversample|cap:\d+", self.balance):
-            raise UsageError(f"--balance must be none, undersample, oversample or cap:N; got {self.balance!r}")
-        if self.folds is not None and self.folds < 2:
-            raise UsageError(f"--folds must be at least 2; got {self.folds!r}")
+        """Refuse settings that could only give a wrong split, in one sentence each (the CLI prints it, exit 2)."""
+        ratios = tuple(self.ratios) if isinstance(self.ratios, (tuple, list)) else (self.ratios,)
+        if (len(ratios) != 3 or not all(_is_number(r) and math.isfinite(r) and r > 0 for r in ratios)
+                or abs(sum(ratios) - 1) > 1e-6):
+            raise UsageError(f"--ratios must be three positive numbers summing to 1 (like 0.8,0.1,0.1); got "
+                             f"{','.join(str(r) for r in ratios)}")
+        object.__setattr__(self, "ratios", tuple(float(r) for r in ratios))
+        if not isinstance(self.balance, str) or not re.fullmatch(r"none|undersample|oversample|cap:[0-9]+",
+                                                                  self.balance):
+            raise UsageError(f"--balance must be none, undersample, oversample or cap:N with N a whole number of at "
+                             f"least 1; got {self.balance!r}")
+        if self.balance.startswith("cap:") and int(self.balance[4:]) < 1:
+            raise UsageError(f"--balance cap:N needs N of at least 1 image per class; got {self.balance!r}")
+        if self.group_pattern is not None:
+            compile_group_pattern(self.group_pattern)
+        if self.folds is not None and (not _is_whole(self.folds) or self.folds < 2):
+            raise UsageError(f"--folds must be a whole number of at least 2; got {self.folds!r}")
+        if not _is_whole(self.seed):
+            raise UsageError(f"--seed must be a whole number; got {self.seed!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def compile_group_pattern(pattern: str) -> re.Pattern:
+    """The --group-pattern regex, or a `UsageError` saying why it is not one."""
+    if not isinstance(pattern, str) or not pattern:
+        raise UsageError(f"--group-pattern must be a non-empty regular expression; got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--group-pattern {pattern!r} is not a valid regular expression: {exc}") from None
 
 
 @dataclass
 class SplitResult:
+    """The split rows, where they were written, the report, and warnings for the user (also in the report)."""
+
     frame: pl.DataFrame
     path: Path
     report: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def units_of(clusters: list[int | None], groups: list[str | None], extra_pairs: list[tuple[int, int]] = ()
@@ -187,19 +226,22 @@ def make_splits(workspace: Path, settings: SplitSettings | None = None,
     meta = manifest.read_metadata(workspace / manifest.MANIFEST_NAME)
     kept = df.filter(pl.col("keep") & pl.col("label").is_not_null()).sort("path")
     if kept.is_empty():
-        raise UsageError(f"{workspace} has no kept, labelled images to split; run `curator clean` on a class-folder tree")
+        raise UsageError(f"{workspace} has no kept, labelled images to split; run `curator clean` on a class-folder "
+                         f"tree")
     labels = np.array(kept["label"].to_list(), dtype=object)
+    warnings: list[str] = []
     if settings.group_pattern:
-        pattern = re.compile(settings.group_pattern)
+        pattern = compile_group_pattern(settings.group_pattern)
         groups = [(m.group(1) if pattern.groups else m.group(0)) if (m := pattern.search(p.rsplit("/", 1)[-1]))
                   else None for p in kept["path"].to_list()]
+        if unmatched := sum(g is None for g in groups):
+            warnings.append(f"--group-pattern {pattern.pattern!r} matched no group in {unmatched} of {len(groups)} "
+                            f"file names; those rows are kept together only with their duplicates")
     else:
         groups = kept["group"].to_list()
     if not settings.use_groups:
         groups = [None] * len(kept)
-    cache = open_cache(workspace, meta["backbone_key"])
-    unit_emb = embedding_matrix(cache.get(kept["sha256"].to_list()), cache.layout)
-    phash = from_hex(kept["phash"].to_list())
+    unit_emb, phash = _kept_vectors(workspace, meta, kept, warnings)
     sim = similarity(unit_emb, duplicates.embed_neighbours)
     threshold = 1.0 - duplicates.embed_relative * sim.gap
 
@@ -243,10 +285,36 @@ def make_splits(workspace: Path, settings: SplitSettings | None = None,
         "counts": counts,
         "certificate": rounds[-1],
         "certificate_rounds": rounds,
+        "warnings": warnings,
     }
     path = manifest.write_atomic(out, workspace / SPLITS_NAME, {"split_report": report})
     manifest.write_json_atomic(report, workspace / REPORT_NAME)
-    return SplitResult(out, path, report)
+    return SplitResult(out, path, report, warnings)
+
+
+def _kept_vectors(workspace: Path, meta: dict, kept: pl.DataFrame,
+                  warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The kept rows' unit embeddings and pHashes, from a verified cache: its metadata must agree with the manifest's
+    record of the backbone (`open_cache`), and every kept row needs a finite cached vector, so the certificate is
+    never computed from a damaged, dropped or misread one. The cache's own warnings join `warnings`."""
+    source = workspace / manifest.MANIFEST_NAME
+    layout = meta.get("feature_layout")
+    cache = open_cache(workspace, meta.get("backbone_key"), layout if isinstance(layout, dict) and layout else None)
+    warnings.extend(cache.warnings)
+    shas, hashes = kept["sha256"].to_list(), kept["phash"].to_list()
+    if any(v is None for v in shas) or any(v is None for v in hashes):
+        raise ManifestError(f"{source} has kept rows without sha256 or phash; run `curator clean` again")
+    try:
+        missing = cache.missing(shas)
+        phash = from_hex(hashes)
+    except (ValueError, OverflowError, TypeError):
+        raise ManifestError(f"{source} has kept rows whose sha256 or phash is not hexadecimal; run `curator clean` "
+                            f"again") from None
+    if missing:
+        raise UsageError(f"{len(missing)} of the {len(shas)} kept images have no usable cached embedding (never "
+                         f"computed, or dropped as damaged, e.g. sha256 {missing[0][:12]}); run `curator clean` "
+                         f"again to compute them")
+    return embedding_matrix(cache.get(shas), cache.layout), phash
 
 
 def _check_classes(labels: np.ndarray, units: np.ndarray, settings: SplitSettings) -> None:

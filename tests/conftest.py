@@ -132,3 +132,70 @@ def tree_checksums(root: Path) -> dict[str, tuple[int, str]]:
             elif p.is_file():
                 out[str(p)] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
+
+
+MARKER = b"SECRET-MARKER-7f3a"
+
+
+def write_hostile_tree(base: Path) -> tuple[Path, dict[str, str]]:
+    """A root with what a hostile but fair user leaves in a folder, beside an `outside` folder whose files carry
+    MARKER: real paintings (one under a name that is not UTF-8), a FIFO and a socket named like images, symbolic links
+    to an outside file, an outside folder and /dev/zero, a link inside the root, and a large sparse non-image.
+    Returns the root and, by path text (as stored), the reason fragment each non-ok file must get."""
+    import shutil
+    import socket
+    import tempfile
+
+    root, outside = base / "root", base / "outside"
+    for folder in (root / "Baroque", root / "Rococo", outside):
+        folder.mkdir(parents=True)
+    paintings = sample_paintings(8)
+    for i, painting in enumerate(paintings[:6]):
+        label = "Baroque" if i < 3 else "Rococo"
+        (root / label / f"p{i}_{painting.name}").write_bytes(painting.read_bytes())
+    with open(os.path.join(os.fsencode(root / "Rococo"), b"caf\xe9_non-utf8.jpg"), "wb") as fh:
+        fh.write(paintings[6].read_bytes())
+    (outside / "secret.txt").write_bytes(b"hello " + MARKER)
+    (outside / "secret.jpg").write_bytes(paintings[7].read_bytes() + MARKER)
+    os.mkfifo(root / "Baroque" / "fifo.jpg")
+    short = tempfile.mkdtemp(prefix="sock", dir="/tmp")  # socket paths are limited to ~108 bytes
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(os.path.join(short, "s"))
+    finally:
+        sock.close()
+    shutil.move(os.path.join(short, "s"), root / "Baroque" / "socket.jpg")
+    os.rmdir(short)
+    os.symlink(outside / "secret.txt", root / "Baroque" / "to_text.jpg")
+    os.symlink(outside / "secret.jpg", root / "Baroque" / "to_image.jpg")
+    os.symlink(outside, root / "Rococo" / "outside_folder")
+    os.symlink("/dev/zero", root / "Baroque" / "zero.jpg")
+    os.symlink(f"p0_{paintings[0].name}", root / "Baroque" / "inside_link.jpg")
+    with open(root / "Rococo" / "video.mp4", "wb") as fh:
+        fh.truncate(64 << 20)
+    reasons = {
+        "Baroque/fifo.jpg": "not a regular file: a FIFO",
+        "Baroque/socket.jpg": "not a regular file: a socket",
+        "Baroque/to_text.jpg": "outside the scanned folder",
+        "Baroque/to_image.jpg": "outside the scanned folder",
+        "Rococo/outside_folder": "outside the scanned folder",
+        "Baroque/zero.jpg": "symbolic link to /dev/zero",
+        "Rococo/video.mp4": "not an image file (.mp4)",
+    }
+    return root, reasons
+
+
+@pytest.fixture
+def hostile_tree(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    return write_hostile_tree(tmp_path)
+
+
+def files_containing(folder: Path, needle: bytes) -> list[Path]:
+    """Every regular file under `folder` whose bytes contain `needle`."""
+    found = []
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(path)
+    return found

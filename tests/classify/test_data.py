@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -47,3 +49,50 @@ def test_missing_changed_and_broken_files_are_reported_not_cached(tmp_path):
 def test_no_splits_file_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="no splits file"):
         read_split_table(tmp_path / "splits.parquet")
+
+
+def _items(n: int) -> list[tuple[str, str]]:
+    import hashlib
+
+    return [(str(p), hashlib.sha256(p.read_bytes()).hexdigest()) for p in sample_paintings(n)]
+
+
+def test_a_damaged_pixel_record_is_dropped_with_a_warning_and_decoded_again(tmp_path):
+    items = _items(3)
+    cache = PixelCache(tmp_path, 64)
+    fill_pixel_cache(cache, items, workers=0)
+    row = int(cache.rows([items[1][1]])[0])
+    with open(cache.path, "r+b") as fh:  # bit rot in the middle of the second record's pixels
+        fh.seek(row * cache.record.itemsize + 36 + 500)
+        fh.write(b"\xff\x00\xff")
+    reopened = PixelCache(tmp_path, 64)
+    assert reopened.warnings == [] and len(reopened) == 3  # found when the records are about to be used
+    failures = fill_pixel_cache(reopened, items, workers=0)
+    assert failures == {} and len(reopened.warnings) == 1 and "1 damaged" in reopened.warnings[0]
+    expected, _ = square_pixels(Path(items[1][0]), 64)
+    assert np.array_equal(reopened.pixels(int(reopened.rows([items[1][1]])[0])), expected)
+    assert reopened.verify([sha for _, sha in items]) == []
+    final = PixelCache(tmp_path, 64)
+    assert final.verify([sha for _, sha in items]) == [] and final.warnings == []
+
+
+@pytest.mark.parametrize("meta", [
+    {"side": 32}, {"record_bytes": 12}, {"format": 1}, None, "garbage",
+], ids=["side", "record-bytes", "format", "no-metadata", "garbage"])
+def test_pixel_cache_whose_metadata_disagrees_is_set_aside_and_rebuilt(tmp_path, meta):
+    import json
+
+    items = _items(2)
+    cache = PixelCache(tmp_path, 64)
+    fill_pixel_cache(cache, items, workers=0)
+    records = cache.path.read_bytes()
+    if meta is None:
+        cache.meta_path.unlink()  # e.g. a cache written before records carried checksums
+    elif meta == "garbage":
+        cache.meta_path.write_bytes(b"\x00\x01 not json")
+    else:
+        cache.meta_path.write_text(json.dumps({**json.loads(cache.meta_path.read_text()), **meta}))
+    reopened = PixelCache(tmp_path, 64)
+    assert len(reopened) == 0 and "set aside" in reopened.warnings[0] and "\n" not in reopened.warnings[0]
+    assert (tmp_path / "pixels-64.u8.unusable-1").read_bytes() == records
+    assert fill_pixel_cache(reopened, items, workers=0) == {} and len(PixelCache(tmp_path, 64)) == 2

@@ -12,7 +12,7 @@ from classify.cli import app
 from classify.evaluate import compute_metrics, evaluate
 from classify.train import TrainSettings, train
 from curator.errors import UsageError
-from tests.conftest import SAMPLE
+from tests.conftest import MARKER, SAMPLE, files_containing, write_hostile_tree
 
 FAST = dict(model="efficientnet_lite0", epochs=1, unfreeze=1, batch_size=16, workers=0, probe_l2=(1e-2,),
             probe_steps=50)
@@ -103,3 +103,20 @@ def test_cli_errors_are_one_line(sample_ws, tmp_path):
 def test_eval_unknown_split_name(model):
     with pytest.raises(UsageError):
         evaluate(model, split="holdout", workers=0)
+
+
+def test_eval_on_a_hostile_folder_reads_only_what_it_may(model, tmp_path):
+    root, reasons = write_hostile_tree(tmp_path)
+    out = tmp_path / "out"
+    result = evaluate(model, directory=root, out_dir=out, workers=0)
+    pred = result.predictions
+    odd = pred.row(by_predicate=pl.col("path_escaped"), named=True)
+    assert odd["rel_path"] == "Rococo/caf\\xe9_non-utf8.jpg" and odd["predicted"] is not None and odd["error"] is None
+    assert result.metrics["skipped_files"]["Baroque/fifo.jpg"].startswith("not a regular file")
+    assert "outside the scanned folder" in result.metrics["skipped_files"]["Baroque/to_image.jpg"]
+    assert files_containing(out, MARKER) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metrics.json").write_text("the user's")
+    with pytest.raises(UsageError, match="did not write"):
+        evaluate(model, directory=root, out_dir=tmp_path / "mine", workers=0)
+    assert (tmp_path / "mine" / "metrics.json").read_text() == "the user's"

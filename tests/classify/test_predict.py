@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,8 @@ from classify.predict import PredictSettings, classify_dir
 from classify.train import TrainSettings, train
 from curator.errors import UsageError
 from curator.images import iter_files, scan
-from tests.conftest import REPO, SAMPLE, write_odd_tree
+from curator.paths import from_text
+from tests.conftest import REPO, SAMPLE, tree_checksums, write_odd_tree
 
 
 def test_one_row_per_file_with_the_loaders_reasons(tmp_path):
@@ -140,3 +143,296 @@ def test_cuda_asked_for_without_a_gpu_is_a_clear_error(small_tree, tmp_path):
     with pytest.raises(UsageError, match="no CUDA device"):
         classify_dir(small_tree, tmp_path / "p.parquet", PredictSettings(device="cuda", workers=0))
     assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "p.parquet.parts").exists()
+
+
+# --- issue 14: messy folders, foreign files, mixed runs, bad input ----------------------------------------------
+
+MARKER_TEXT = b"SECRET-MARKER-123"
+
+
+class Interrupted(Exception):
+    """Raised from the events callback to stop a run after its first flush, as a kill would."""
+
+
+def stop_after_first_part(parts):
+    def events(kind, info):
+        if kind == "advance" and any(parts.glob("part-*.parquet")):
+            raise Interrupted
+
+    return events
+
+
+def interrupted_run(root, out, settings):
+    """Start a run and stop it once a part is flushed; returns the parts folder."""
+    with pytest.raises(Interrupted):
+        classify_dir(root, out, settings, stop_after_first_part(out.with_name(out.name + ".parts")))
+    return out.with_name(out.name + ".parts")
+
+
+def assert_one_line_error(output: str, fragment: str) -> None:
+    """The output ends with exactly one `error:` line holding `fragment`, and has no traceback."""
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert sum("error:" in line for line in lines) == 1 and "error:" in lines[-1], output
+    assert fragment in lines[-1], output
+
+
+def copy_paintings(root, n):
+    root.mkdir(parents=True, exist_ok=True)
+    for p in sorted(SAMPLE.rglob("*.jpg"))[:n]:
+        shutil.copy(p, root / p.name)
+    return root
+
+
+def test_non_utf8_names_are_rows_and_resume_reads_them_back(tmp_path):
+    root = copy_paintings(tmp_path / "raw", 3)
+    painting = sorted(SAMPLE.rglob("*.jpg"))[5].read_bytes()
+    raw_name = os.path.join(os.fsencode(str(root)), b"0caf\xe9.jpg")
+    fd = os.open(raw_name, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, painting)
+    os.close(fd)
+    (root / "0caf\\xe9.jpg").write_bytes(painting)  # a valid name that reads like the escaped one
+    settings = PredictSettings(workers=0, batch_size=2, flush_every=2)
+    out = tmp_path / "p.parquet"
+    parts = interrupted_run(root, out, settings)
+    first = pl.read_parquet(sorted(parts.glob("part-*.parquet"))[0])
+    assert sorted(zip(first["path"], first["path_escaped"])) == [("0caf\\xe9.jpg", False), ("0caf\\xe9.jpg", True)]
+    resumed = classify_dir(root, out, PredictSettings(workers=0, batch_size=2, flush_every=2, resume=True))
+    assert resumed.resumed_rows == 2 and resumed.files == 5
+    again = classify_dir(root, out, PredictSettings(workers=0, batch_size=2, flush_every=2, resume=True))
+    assert again.model == "already complete"
+    df = pl.read_parquet(out)
+    on_disk = sorted(os.listdir(root))
+    assert sorted(from_text(p, e) for p, e in zip(df["path"], df["path_escaped"])) == on_disk
+    assert df.height == 5 and df["error"].null_count() == 5
+    assert df.filter(pl.col("path_escaped"))["path"].to_list() == ["0caf\\xe9.jpg"]
+
+
+@pytest.fixture(scope="module")
+def hostile_tree(tmp_path_factory):
+    """A folder with a FIFO, a socket, a link to /dev/zero, a 16 GiB sparse video, an oversized image, links inside
+    and outside, an outside folder link and a non-UTF-8 name; `outside` holds files carrying MARKER_TEXT."""
+    base = tmp_path_factory.mktemp("hostile")
+    root = copy_paintings(base / "raw" / "Baroque", 3).parent
+    outside = base / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(MARKER_TEXT + b" is in this text file under an image name\n")
+    (outside / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n" + MARKER_TEXT * 20)
+    first = sorted(os.listdir(root / "Baroque"))[0]
+    os.symlink(outside / "secret.jpg", root / "link.jpg")
+    os.symlink(outside / "secret.png", root / "link.png")
+    os.symlink(outside, root / "elsewhere")
+    os.symlink(f"Baroque/{first}", root / "inside.jpg")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    os.mkfifo(root / "fifo.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.jpg"))
+    sock.close()
+    with open(root / "video.mp4", "wb") as fh:
+        fh.truncate(16 << 30)
+    with open(root / "huge.png", "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        fh.truncate(11_000_000)
+    fd = os.open(os.path.join(os.fsencode(str(root)), b"caf\xe9.jpg"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, (root / "Baroque" / first).read_bytes())
+    os.close(fd)
+    return root, outside
+
+
+def run_cli(args, timeout=60):
+    """`classify ARGS` in a subprocess, so that a hang fails the test instead of stopping the suite."""
+    proc = subprocess.run([sys.executable, "-m", "classify.cli", *map(str, args)], cwd=REPO, capture_output=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def hostile_run(hostile_tree, tmp_path_factory):
+    root, _ = hostile_tree
+    out = tmp_path_factory.mktemp("hostile-out") / "p.parquet"
+    code, output = run_cli(["dir", root, "--out", out, "--workers", "1", "--max-bytes", 10_000_000])
+    assert code == 0, output
+    return pl.read_parquet(out), out, output
+
+
+def errors_by_path(df):
+    return dict(zip(df["path"], df["error"]))
+
+
+@pytest.mark.slow
+def test_fifos_sockets_devices_and_big_files_become_rows_without_being_read(hostile_run):
+    df, _, _ = hostile_run
+    assert df["path"].n_unique() == df.height == 13
+    errors = errors_by_path(df)
+    assert "FIFO" in errors["fifo.jpg"] and "socket" in errors["sock.jpg"]
+    assert "/dev/zero" in errors["zero.jpg"] and "not followed" in errors["zero.jpg"]
+    assert errors["video.mp4"] == "not an image file (.mp4)"
+    assert errors["huge.png"] == "too large: 11,000,000 bytes exceeds --max-bytes 10,000,000"
+    assert all(errors[p] is None for p in df["path"] if p.startswith("Baroque/"))
+    assert errors["caf\\xe9.jpg"] is None and df.filter(pl.col("path_escaped"))["path"].to_list() == ["caf\\xe9.jpg"]
+
+
+@pytest.mark.slow
+def test_links_leaving_the_folder_are_not_read_and_leak_nothing(hostile_run, hostile_tree):
+    df, out, output = hostile_run
+    _, outside = hostile_tree
+    errors = errors_by_path(df)
+    for name, target in (("link.jpg", "secret.jpg"), ("link.png", "secret.png"), ("elsewhere", "")):
+        assert f"symbolic link to {outside / target}".rstrip("/") in errors[name], errors[name]
+        assert "outside the scanned folder: not followed" in errors[name]
+    assert errors["inside.jpg"] is None and df.filter(pl.col("path") == "inside.jpg")["label"][0] is not None
+    written = [p for p in out.parent.rglob("*") if p.is_file()]
+    assert written == [out]  # the parts folder is gone
+    assert MARKER_TEXT not in out.read_bytes() and MARKER_TEXT not in output
+
+
+@pytest.mark.slow
+def test_follow_symlinks_reads_outside_links_and_still_never_hangs(hostile_tree, tmp_path):
+    root, _ = hostile_tree
+    out = tmp_path / "followed.parquet"
+    code, output = run_cli(["dir", root, "--out", out, "--workers", "0", "--follow-symlinks"])
+    assert code == 0, output
+    errors = errors_by_path(pl.read_parquet(out))
+    assert errors["zero.jpg"] == "not a regular file: a character device"
+    assert errors["huge.png"] is not None and "too large" not in errors["huge.png"]  # under the default 1 GiB
+    assert "SECRET-MARKER" in errors["link.jpg"]  # read when asked: the leak test above can fail
+    assert "elsewhere/secret.jpg" in errors
+
+
+def test_a_users_parts_folder_is_refused_and_left_untouched(small_tree, tmp_path):
+    out = tmp_path / "p.parquet"
+    parts = tmp_path / "p.parquet.parts"
+    (parts / "mine").mkdir(parents=True)
+    (parts / "notes.txt").write_text("my notes")
+    (parts / "part-000000.parquet").write_bytes(b"not atelier's")
+    (parts / "mine" / "photo.jpg").write_bytes(b"\xff\xd8\xff mine")
+    before = tree_checksums(tmp_path)
+    for extra in ([], ["--resume"]):
+        res = CliRunner().invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0", *extra])
+        assert res.exit_code == 2
+        assert_one_line_error(res.output, "already holds files that atelier did not write")
+        assert tree_checksums(tmp_path) == before and not out.exists()
+
+
+def test_an_output_atelier_did_not_write_is_refused_even_with_resume(small_tree, tmp_path):
+    precious = tmp_path / "precious.parquet"
+    precious.write_bytes(b"precious")
+    users = tmp_path / "users.parquet"
+    pl.DataFrame({"path": ["a.jpg"], "label": ["mine"]}).write_parquet(users)
+    before = tree_checksums(tmp_path)
+    for out in (precious, users):
+        res = CliRunner().invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0", "--resume"])
+        assert res.exit_code == 2
+        assert_one_line_error(res.output, "exists and was not written by `classify dir`")
+    assert tree_checksums(tmp_path) == before
+
+
+def test_cleanup_removes_only_atelier_files_from_the_parts_folder(small_tree, tmp_path):
+    out = tmp_path / "p.parquet"
+    settings = PredictSettings(workers=0, batch_size=2, flush_every=2)
+    parts = interrupted_run(small_tree, out, settings)
+    assert (parts / ".atelier").is_file() and (parts / "fingerprint.json").is_file()
+    (parts / "mine.txt").write_text("dropped here by the user")
+    result = classify_dir(small_tree, out, PredictSettings(workers=0, batch_size=2, flush_every=2, resume=True))
+    assert result.files == pl.read_parquet(out).height == 8
+    assert sorted(os.listdir(parts)) == ["mine.txt"] and (parts / "mine.txt").read_text() == "dropped here by the user"
+
+
+def test_out_inside_the_folder_excludes_exactly_its_own_files(small_tree, tmp_path):
+    (small_tree / "notes.txt").write_text("a user's file")
+    inputs = sorted(p.relative_to(small_tree).as_posix() for p in scan(small_tree))
+    out = small_tree / "preds.parquet"
+    settings = PredictSettings(workers=0, batch_size=2, flush_every=2)
+    interrupted_run(small_tree, out, settings)
+    (small_tree / ".preds.parquet.k2j4h5g6.tmp").write_bytes(b"a temporary file of a killed join")
+    classify_dir(small_tree, out, PredictSettings(workers=0, batch_size=2, flush_every=2, resume=True))
+    assert sorted(pl.read_parquet(out)["path"]) == inputs and len(inputs) == 9
+    # another run writing into a class folder still classifies that folder (and sees the first output as a file)
+    nested = small_tree / "Baroque" / "more.parquet"
+    df = pl.read_parquet(classify_dir(small_tree, nested, PredictSettings(workers=0)).out)
+    assert sorted(df["path"]) == sorted(inputs + ["preds.parquet", ".preds.parquet.k2j4h5g6.tmp"])
+    assert df.filter(pl.col("path").str.starts_with("Baroque/"))["label"].null_count() == 0
+
+
+def test_resume_refuses_the_parts_of_another_run(small_tree, tmp_path):
+    out = tmp_path / "p.parquet"
+    base = dict(workers=0, batch_size=2, flush_every=2)
+    parts = interrupted_run(small_tree, out, PredictSettings(**base))
+    fake_run = tmp_path / "run"
+    fake_run.mkdir()
+    (fake_run / "model.safetensors").write_bytes(b"weights")
+    other_root = tmp_path / "other"
+    shutil.copytree(small_tree, other_root)
+    before = tree_checksums(tmp_path)
+    for change, word in ((dict(top_k=3), "top_k"), (dict(embeddings=True), "embeddings"),
+                         (dict(model=str(fake_run)), "model"), (dict(backbone="efficientnet_lite2"), "model"),
+                         (dict(max_bytes=1000), "max_bytes"), (dict(root=other_root), "root")):
+        root = change.pop("root", small_tree)
+        with pytest.raises(UsageError, match=f"made by another run \\(different {word}\\)") as info:
+            classify_dir(root, out, PredictSettings(**base, **change, resume=True))
+        assert "\n" not in str(info.value)
+    assert tree_checksums(tmp_path) == before
+    res = CliRunner().invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0", "--batch-size", "2",
+                                   "--resume", "--top-k", "2"])
+    assert res.exit_code == 2
+    assert_one_line_error(res.output, "different top_k")
+    classify_dir(small_tree, out, PredictSettings(**base, resume=True))
+    df = pl.read_parquet(out)
+    assert df.height == 8 and df["model"].n_unique() == 1 and not parts.exists()
+    with pytest.raises(UsageError, match="different embeddings"):  # a finished output is checked the same way
+        classify_dir(small_tree, out, PredictSettings(**base, embeddings=True, resume=True))
+
+
+@pytest.mark.parametrize("case", ["batch-size 0", "workers -1", "top-k 0", "top-k -2", "max-bytes 0", "out folder",
+                                  "out under a file", "dir missing", "dir a file"])
+def test_bad_input_is_one_line_and_exit_2(case, small_tree, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    target = {"out folder": tmp_path / "a-folder", "out under a file": tmp_path / "a-file" / "p.parquet"}
+    root = {"dir missing": tmp_path / "nowhere", "dir a file": tmp_path / "a-file"}.get(case, small_tree)
+    option = {"batch-size 0": ["--batch-size", "0"], "workers -1": ["--workers", "-1"],
+              "top-k 0": ["--top-k", "0"], "top-k -2": ["--top-k", "-2"], "max-bytes 0": ["--max-bytes", "0"]}
+    args = ["dir", str(root), "--out", str(target.get(case, tmp_path / "p.parquet")), *option.get(case, [])]
+    before = tree_checksums(tmp_path)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    fragment = {"batch-size 0": "--batch-size must be at least 1", "workers -1": "--workers must be 0",
+                "top-k 0": "--top-k", "top-k -2": "--top-k", "max-bytes 0": "--max-bytes must be a positive",
+                "out folder": "is a folder; give a file name", "out under a file": "is a file, not a folder",
+                "dir missing": "is not a folder (it does not exist)",
+                "dir a file": "is not a folder (it is a file)"}[case]
+    assert_one_line_error(res.output, fragment)
+    assert tree_checksums(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_a_read_only_output_folder_is_one_line(small_tree, tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        res = CliRunner().invoke(app, ["dir", str(small_tree), "--out", str(folder / "p.parquet"), "--workers", "0"])
+    finally:
+        folder.chmod(0o755)
+    assert res.exit_code == 2
+    assert_one_line_error(res.output, "is not writable")
+    assert os.listdir(folder) == []
+
+
+def test_a_full_disk_while_flushing_is_one_line_and_resumable(small_tree, tmp_path, monkeypatch):
+    import classify.predict as predict
+
+    def full(table, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    real = predict._write_atomic_table
+    monkeypatch.setattr(predict, "_write_atomic_table", full)
+    out = tmp_path / "p.parquet"
+    res = CliRunner().invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0"])
+    assert res.exit_code == 2
+    assert_one_line_error(res.output, "No space left on device; the rows flushed so far are kept")
+    assert not out.exists()
+    monkeypatch.setattr(predict, "_write_atomic_table", real)
+    res = CliRunner().invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert pl.read_parquet(out).height == 8

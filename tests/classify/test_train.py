@@ -156,8 +156,9 @@ def test_a_missing_image_is_skipped_and_counted(sample_ws, tmp_path):
 
 def test_one_vs_rest_artist_picks_a_threshold(sample_ws_mixed, tmp_path):
     table = read_split_table(sample_ws_mixed / "splits.parquet")
-    counts = table.frame.group_by("group").len().sort("len", descending=True)
-    artist = counts["group"][0]
+    in_val = set(table.rows("val")["group"].drop_nulls().to_list())
+    counts = table.rows("train").filter(pl.col("group").is_in(list(in_val))).group_by("group").len()
+    artist = counts.sort(["len", "group"], descending=[True, False])["group"][0]  # the largest artist in train and val
     result = train(sample_ws_mixed / "splits.parquet", tmp_path / "ovr",
                    TrainSettings(**{**FAST, "positive": artist, "positive_column": "group"}))
     assert result.classes == [f"not {artist}", artist]
@@ -232,3 +233,21 @@ def test_gradient_reversal_flips_and_scales_the_gradient():
     _GradientReversal.apply(x, 0.5).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), -0.5))
     assert dann_coefficient(0.0) == 0.0 and 0.99 < dann_coefficient(1.0) < 1.0
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(dropout=1.5), dict(weight_decay=float("inf")),
+                                 dict(label_smoothing=-0.1), dict(probe_l2=(float("nan"),)), dict(workers=-1)])
+def test_nan_and_out_of_range_settings_are_refused(bad):
+    with pytest.raises(UsageError) as err:
+        TrainSettings(**bad)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_run_folder_of_someone_elses_files_is_refused_and_untouched(sample_ws, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.json").write_text('{"my": "own notes"}')
+    with pytest.raises(UsageError, match="did not write"):
+        train(sample_ws / "splits.parquet", mine, TrainSettings(**FAST))
+    assert [p.name for p in mine.iterdir()] == ["model.json"]
+    assert (mine / "model.json").read_text() == '{"my": "own notes"}'

@@ -116,3 +116,44 @@ def test_mapping_in_order_rejects_shape_mismatch(lite0):
     state[first] = torch.zeros(1)
     with pytest.raises(UsageError, match="shape"):
         map_state_in_order(state, lite0.model)
+
+
+@pytest.mark.parametrize("name,arch", [
+    ("efficientnet_lite0", "tf_efficientnet_lite0"), ("resnet18", "resnet18"),
+    ("hf-hub:timm/resnet18.a1_in1k", None), ("local-dir:/tmp/model", None), ("resnet18.a1_in1k", None),
+    ("timm/resnet18", None), ("no_such_model_v9", None),
+])
+def test_only_registered_and_plain_timm_architecture_names_build_offline(name, arch):
+    from curator.backbones import timm_architecture
+
+    assert timm_architecture(name) == arch
+
+
+def test_offline_architecture_refuses_a_hub_name_without_a_connection(monkeypatch):
+    import socket
+
+    from curator.backbones import offline_architecture
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a, **k: refuse(*a))
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(UsageError, match="cannot be built offline") as info:
+        offline_architecture("hf-hub:timm/resnet18.a1_in1k")
+    assert "\n" not in str(info.value) and attempts == []
+    model = offline_architecture("efficientnet_lite0")  # random weights, no download, eval mode
+    assert attempts == [] and not model.training and model.classifier.weight.device.type == "cpu"
+
+
+def test_a_skeleton_has_every_shape_and_no_memory():
+    from curator.backbones import offline_architecture
+
+    skeleton = offline_architecture("efficientnet_lite2", skeleton=True)
+    real = offline_architecture("efficientnet_lite2")
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    assert torch.empty(()).device.type == "cpu"  # the meta device was only for the build

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -12,7 +13,9 @@ from curator.backbones import load_backbone
 from curator.clean import CleanSettings, clean
 from curator.cli import app
 from curator.embed import EMBEDDING_PARTS, cache_for, select_parts
-from tests.conftest import sample_paintings, tree_checksums
+from curator.images import scan
+from curator.paths import to_text
+from tests.conftest import MARKER, files_containing, sample_paintings, tree_checksums
 
 runner = CliRunner()
 
@@ -155,3 +158,93 @@ def test_a_root_of_only_broken_images_gives_rows_not_a_crash(tmp_path):
     df = manifest.read(tmp_path / "ws")
     assert df["status"].to_list() == ["corrupt", "corrupt"] and not df["keep"].any()
     assert "mislabel check skipped" in result.output
+
+
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: a FIFO that is opened for reading would block forever."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError("the run hung")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_hostile_tree_gives_one_row_per_entry_and_leaks_nothing(hostile_tree, tmp_path, deadline):
+    root, reasons = hostile_tree
+    before = tree_checksums(root)
+    ws, export = tmp_path / "ws", tmp_path / "export"
+    result = runner.invoke(app, ["clean", str(root), "--out", str(ws), "--workers", "1", "--export", str(export)])
+    assert result.exit_code == 0, result.output
+    df = manifest.read(ws)
+    listed = {to_text(p.relative_to(root).as_posix())[0] for p in scan(root)}
+    assert sorted(df["path"]) == sorted(listed)
+    for rel, fragment in reasons.items():
+        row = df.row(by_predicate=pl.col("path") == rel, named=True)
+        assert row["status"] == "ignored" and fragment in row["reason"] and row["sha256"] is None, row
+    odd = df.row(by_predicate=pl.col("path_escaped"), named=True)
+    assert (odd["path"], odd["label"], odd["status"]) == ("Rococo/caf\\xe9_non-utf8.jpg", "Rococo", "ok")
+    assert df.filter(pl.col("path") == "Baroque/inside_link.jpg")["status"].item() in ("ok", "duplicate")
+    assert files_containing(ws, MARKER) == [] and files_containing(export, MARKER) == []
+    assert tree_checksums(root) == before
+    exported = {p.relative_to(export) for p in export.rglob("*") if p.is_file() or p.is_symlink()}
+    assert not any((export / p).is_symlink() for p in exported)
+    assert os.path.join(os.fsencode(export), b"Rococo", b"caf\xe9_non-utf8.jpg") in {
+        os.fsencode(export / p) for p in exported}
+    again = clean(CleanSettings(root=root, workspace=ws, workers=0))  # escaped rows are read back on a rerun
+    assert again.embed.computed == 0 and again.manifest.equals(df)
+
+
+def _one_line_exit_2(result) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_folders_atelier_did_not_write_are_refused_and_left_byte_identical(small_tree, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.parquet").write_bytes(b"the user's own table")
+    (mine / "report.html").write_text("the user's page")
+    before = tree_checksums(mine)
+    _one_line_exit_2(runner.invoke(app, ["clean", str(small_tree), "--out", str(mine)]))
+    _one_line_exit_2(runner.invoke(app, ["clean", str(small_tree), "--out", str(tmp_path / "ws"),
+                                         "--export", str(mine)]))
+    assert tree_checksums(mine) == before
+    result = runner.invoke(app, ["clean", str(small_tree), "--out", str(tmp_path / "ws"),
+                                 "--export", str(tmp_path / "ws")])
+    _one_line_exit_2(result)
+    assert "is the workspace" in result.output
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(app, ["clean", str(small_tree), "--out", str(tmp_path / "afile")])
+    _one_line_exit_2(result)
+    assert "is a file" in result.output
+
+
+def test_out_equal_to_the_root_says_what_is_wrong(small_tree):
+    result = runner.invoke(app, ["clean", str(small_tree), "--out", str(small_tree)])
+    _one_line_exit_2(result)
+    assert "is the folder being cleaned" in result.output
+
+
+def test_names_the_group_pattern_misses_get_a_null_group_and_a_counted_warning(small_tree, tmp_path):
+    result = clean(CleanSettings(root=small_tree, workspace=tmp_path / "ws", group_pattern=r"^([a-f][^_-]*)-",
+                                 workers=0))
+    grouped = result.manifest["group"].is_not_null().sum()
+    missed = len(result.manifest) - grouped
+    assert 0 < missed < len(result.manifest)
+    assert any(f"matched no group in {missed} of {len(result.manifest)}" in w for w in result.warnings)
+
+
+def test_outputs_are_written_with_the_users_umask(small_tree, tmp_path):
+    old = os.umask(0o027)
+    try:
+        clean(CleanSettings(root=small_tree, workspace=tmp_path / "ws", workers=0))
+    finally:
+        os.umask(old)
+    for name in ("manifest.parquet", "settings.json", "report.html"):
+        assert (tmp_path / "ws" / name).stat().st_mode & 0o777 == 0o640, name

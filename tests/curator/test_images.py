@@ -5,9 +5,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from curator.images import MAX_PIXELS, decode_bytes, natural_key, read_image, scan
+from curator import images
+from curator.errors import UsageError
+from curator.images import MAX_PIXELS, ReadPolicy, decode_bytes, natural_key, read_image, read_source, scan
 from tests.conftest import sample_paintings
 
 
@@ -88,3 +91,50 @@ def test_scan_follows_symlinks_once_and_skips_the_workspace(tmp_path):
 def test_natural_sort():
     names = ["img10.jpg", "img2.jpg", "Img1.jpg"]
     assert sorted(names, key=natural_key) == ["Img1.jpg", "img2.jpg", "img10.jpg"]
+
+
+def test_read_source_never_opens_what_it_must_not(hostile_tree):
+    root, reasons = hostile_tree
+    policy = ReadPolicy(root=root)
+    for path in scan(root):
+        rel = path.relative_to(root).as_posix()
+        if rel in reasons:
+            data, row = read_source(path, policy)
+            assert data is None and reasons[rel] in row.info.reason, (rel, row.info.reason)
+            assert row.info.sha256 is None and row.image is None
+    outside = read_image(root / "Baroque" / "to_image.jpg", policy=policy)
+    assert outside.info.status == "ignored" and "secret.jpg" in outside.info.reason
+    inside = read_image(root / "Baroque" / "inside_link.jpg", policy=policy)
+    assert inside.info.ok  # links that stay inside the root keep working
+    followed = read_image(root / "Baroque" / "to_image.jpg", policy=ReadPolicy(root=root, follow_symlinks=True))
+    assert followed.info.ok
+
+
+def test_listing_does_not_descend_into_folders_outside_the_root(hostile_tree):
+    root, _ = hostile_tree
+    listed = {p.relative_to(root).as_posix() for p in scan(root)}
+    assert "Rococo/outside_folder" in listed
+    assert not any(name.startswith("Rococo/outside_folder/") for name in listed)
+    followed = {p.relative_to(root).as_posix() for p in scan(root, follow_symlinks=True)}
+    assert "Rococo/outside_folder/secret.txt" in followed
+
+
+def test_size_cap_and_sniffing_bound_what_is_read(tmp_path, monkeypatch):
+    painting = sample_paintings(1)[0]
+    big = tmp_path / "big.jpg"
+    big.write_bytes(painting.read_bytes())
+    data, row = read_source(big, ReadPolicy(max_bytes=1000))
+    assert data is None and row.info.status == "corrupt" and "exceeds --max-bytes 1,000" in row.info.reason
+    assert read_source(big, ReadPolicy(max_bytes=10**6))[0] == painting.read_bytes()
+    video = tmp_path / "film.mov"
+    with open(video, "wb") as fh:
+        fh.truncate(200 << 20)
+
+    def must_not_read(*args):
+        raise AssertionError("a non-image was read past its header")
+
+    monkeypatch.setattr(images, "_read_bounded", must_not_read)
+    data, row = read_source(video)
+    assert row.info.status == "ignored" and row.info.bytes == 200 << 20 and "not an image file (.mov)" in row.info.reason
+    with pytest.raises(UsageError, match="--max-bytes must be a positive"):
+        ReadPolicy(max_bytes=0)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,8 @@ from typer.testing import CliRunner
 from curator.clean import CleanSettings, clean
 from curator.cli import app
 from curator.fetch import FetchSettings, PoliteClient, retry_after_seconds
-from curator.ingest import CATALOG_NAME, safe_name
+from curator.ingest import CATALOG_NAME, PART_SUFFIX, safe_name
+from curator.ownership import MARKER
 from tests.conftest import REPO, SAMPLE, sample_paintings
 
 runner = CliRunner()
@@ -26,12 +28,18 @@ FAST = ["--rate", "200", "--retries", "3"]
 
 
 def _catalog(out: Path) -> pl.DataFrame:
-    return pl.read_parquet(out / CATALOG_NAME)
+    with open(out / CATALOG_NAME, "rb") as fh:  # polars refuses a path that is not UTF-8, not a file object
+        return pl.read_parquet(fh)
 
 
 def _tree_files(out: Path) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
-                  and p.name not in (CATALOG_NAME,))
+                  and p.name not in (CATALOG_NAME, MARKER))
+
+
+def _parts(out: Path) -> list[Path]:
+    """Part files left in OUT (today's `.NAME.atelier-part` and the `.NAME.part` of earlier versions)."""
+    return [p for p in out.rglob("*") if p.name.endswith((PART_SUFFIX, ".part"))]
 
 
 def test_wikiart_style_with_every_fault(services, tmp_path):
@@ -60,7 +68,7 @@ def test_wikiart_style_with_every_fault(services, tmp_path):
     assert by_id["1001"]["group"] == "claude-monet" and by_id["1009"]["artist"] == "Berthe Morisot"
     assert by_id["1001"]["year"] == "1872" and by_id["1001"]["url"].endswith("img0.jpg!Large.jpg")
     # failed rows leave no file; no part files remain
-    assert len(_tree_files(out)) == 7 and not list(out.rglob("*.part"))
+    assert len(_tree_files(out)) == 7 and not _parts(out)
     assert "failed 2" in res.output.replace("\n", " ")
 
 
@@ -245,7 +253,7 @@ def test_killed_run_resumes_to_the_same_catalog(services, tmp_path):
     b = _catalog(out).select(cols).sort("source_id")
     assert a.filter(pl.col("status") == "ok").equals(b.filter(pl.col("status") == "ok"))
     assert a["source_id"].to_list() == b["source_id"].to_list()
-    assert _tree_files(whole) == _tree_files(out) and not list(out.rglob("*.part"))
+    assert _tree_files(whole) == _tree_files(out) and not _parts(out)
 
 
 def test_clean_reads_the_catalog_for_groups_and_provenance(tmp_path):
@@ -272,3 +280,360 @@ def test_safe_names_and_retry_after():
     assert retry_after_seconds("7") == 7.0
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0) == pytest.approx(0.0)
     assert retry_after_seconds("soon") is None
+
+
+# ---------------------------------------------------------------------------------------------- issue 14: reliability
+
+MARK = b"OUTSIDE-SECRET-MARKER-5c1e"
+
+
+def _one_line_error(res, *fragments: str, code: int = 2) -> str:
+    """The run failed with `code`, said why in exactly one `error:` line (the last one), and showed no traceback."""
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def _copy_sample(src: Path, n: int = 4) -> list[Path]:
+    placed = []
+    for p in sample_paintings(n):
+        (src / p.parent.name).mkdir(parents=True, exist_ok=True)
+        placed.append(src / p.parent.name / p.name)
+        shutil.copy(p, placed[-1])
+    return placed
+
+
+def _bytes_under(out: Path) -> bytes:
+    """Every regular file under OUT, concatenated (symbolic links are not files atelier should leave there)."""
+    chunks = []
+    for dirpath, _, files in os.walk(out):
+        for name in files:
+            path = Path(dirpath) / name
+            assert not path.is_symlink(), f"{path} is a symbolic link"
+            chunks.append(path.read_bytes())
+    return b"".join(chunks)
+
+
+def _fsname(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+def test_names_that_are_not_utf8_become_rows_and_round_trip(tmp_path):
+    from curator.paths import from_text
+
+    src = tmp_path / "src"
+    painting = sample_paintings(2)
+    (src / "Baroque").mkdir(parents=True)
+    odd_folder = src / _fsname(b"Rok\xf3k\xf3")
+    odd_folder.mkdir()
+    odd_file = src / "Baroque" / _fsname(b"caf\xe9_portrait.jpg")
+    shutil.copy(painting[0], odd_file)
+    shutil.copy(painting[1], odd_folder / "plain.jpg")
+    out = tmp_path / _fsname(b"raw\xe9")  # OUT's own name is not UTF-8 either
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out), "--group-pattern", r"^([^_]+)_"])
+    assert res.exit_code == 0, res.output
+    cat = _catalog(out)
+    assert cat.height == 2 and (cat["status"] == "ok").all() and cat["source_id_escaped"].all()
+    originals = {from_text(s, True) for s in cat["source_id"]}
+    assert originals == {odd_file.relative_to(src).as_posix(), (odd_folder / "plain.jpg").relative_to(src).as_posix()}
+    for row in cat.iter_rows(named=True):
+        row["path"].encode("utf-8")  # landed names are valid UTF-8
+        landed = out / row["path"]
+        assert landed.read_bytes() == (src / from_text(row["source_id"], True)).read_bytes()
+    assert set(cat["group"]) == {"caf\\xe9", None}
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)])
+    assert res.exit_code == 0 and "added 0, already there 2, failed 0" in res.output, res.output
+
+    # the ArtGAN dump: a CSV whose bytes name the file as the file system does
+    dump = tmp_path / "dump"
+    (dump / "Baroque").mkdir(parents=True)
+    shutil.copy(painting[0], dump / "Baroque" / _fsname(b"ren\xe9_study.jpg"))
+    (tmp_path / "style_train.csv").write_bytes(b"Baroque/ren\xe9_study.jpg,0\nBaroque/absent\xff.jpg,0\n")
+    (tmp_path / "style_class.txt").write_text("0 Baroque\n")
+    res = runner.invoke(app, ["ingest", "artgan", str(dump), "--csv", str(tmp_path / "style_train.csv"),
+                              "--out", str(tmp_path / "art")])
+    assert res.exit_code == 0, res.output
+    cat = _catalog(tmp_path / "art").sort("source_id")
+    assert cat["status"].to_list() == ["failed", "ok"] and cat["source_id_escaped"].all()
+    assert cat["error"][0] == "file is missing" and cat["artist"][1] == "ren\\xe9"
+    assert from_text(cat["source_id"][1], True) == _fsname(b"Baroque/ren\xe9_study.jpg")
+
+    # a parquet source whose file name is not UTF-8
+    source = tmp_path / _fsname(b"train-\xff.parquet")
+    with open(source, "wb") as fh:
+        pq.write_table(pa.table({"image": [painting[0].read_bytes()], "style": ["Baroque"]}), fh)
+    res = runner.invoke(app, ["ingest", "parquet", str(source), "--out", str(tmp_path / "pq")])
+    assert res.exit_code == 0, res.output
+    cat = _catalog(tmp_path / "pq")
+    assert cat["status"].to_list() == ["ok"] and cat["source_id"].to_list() == ["train-\\xff.parquet:0"]
+    assert cat["source_id_escaped"].to_list() == [True]
+
+
+def test_safe_name_handles_surrogates():
+    for text in (_fsname(b"caf\xe9"), "\ud800lone", "x\udcff" * 200):
+        name = safe_name(text, "fallback")
+        name.encode("utf-8")
+        assert "/" not in name and len(name.encode()) <= 120
+
+
+RUN = "import sys\nfrom curator.cli import main\nsys.argv = ['curator', *sys.argv[1:]]\nmain()\n"
+
+
+def test_fifo_never_hangs_and_large_files_are_capped(tmp_path):
+    src = tmp_path / "src"
+    placed = _copy_sample(src, 2)
+    os.mkfifo(src / "Baroque" / "pipe.jpg")
+    big = src / "Baroque" / "big.png"
+    big.write_bytes(placed[0].read_bytes() + bytes(300_000))
+    out = tmp_path / "raw"
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    proc = subprocess.run([sys.executable, str(script), "ingest", "folder", str(src), "--out", str(out),
+                           "--max-bytes", "200000"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["source_id"]: r for r in _catalog(out).iter_rows(named=True)}
+    assert rows["Baroque/pipe.jpg"]["status"] == "failed" and "FIFO" in rows["Baroque/pipe.jpg"]["error"]
+    big_row = rows["Baroque/big.png"]
+    assert big_row["status"] == "failed" and "too large" in big_row["error"]
+    assert "--max-bytes 200,000" in big_row["error"]
+    assert sum(r["status"] == "ok" for r in rows.values()) == 2
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(tmp_path / "zero"), "--max-bytes", "0"])
+    _one_line_error(res, "--max-bytes")
+    assert not (tmp_path / "zero").exists()
+
+
+@pytest.mark.parametrize("link", ["--link", "--no-link"])
+def test_links_out_of_the_source_are_rows_and_never_brought_in(tmp_path, link):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "private.jpg"
+    secret.write_bytes(sample_paintings(1)[0].read_bytes() + MARK)  # a real JPEG with the marker after its end
+    (outside / "more.jpg").write_bytes(secret.read_bytes())
+    src = tmp_path / "src"
+    placed = _copy_sample(src, 2)
+    os.symlink(secret, src / "Baroque" / "escape.jpg")
+    os.symlink(outside, src / "Elsewhere")
+    os.symlink(Path("..") / placed[1].parent.name / placed[1].name, src / "Baroque" / "inner.jpg")
+    dump_csv = tmp_path / "style_train.csv"
+    dump_csv.write_text(f"Baroque/escape.jpg,0\nBaroque/inner.jpg,0\n../outside/private.jpg,0\n"
+                        f"Elsewhere/more.jpg,0\n{placed[0].parent.name}/{placed[0].name},0\n")
+    (tmp_path / "style_class.txt").write_text("0 Baroque\n")
+    for command in (["folder", str(src)], ["artgan", str(src), "--csv", str(dump_csv)]):
+        out = tmp_path / f"out-{command[0]}"
+        res = runner.invoke(app, ["ingest", *command, "--out", str(out), link])
+        assert res.exit_code == 0, res.output
+        rows = {r["source_id"]: r for r in _catalog(out).iter_rows(named=True)}
+        assert rows["Baroque/escape.jpg"]["status"] == "failed"
+        assert str(secret) in rows["Baroque/escape.jpg"]["error"]
+        assert "--follow-symlinks" in rows["Baroque/escape.jpg"]["error"]
+        elsewhere = rows["Elsewhere" if command[0] == "folder" else "Elsewhere/more.jpg"]
+        assert elsewhere["status"] == "failed" and "outside" in elsewhere["error"]
+        assert rows["Baroque/inner.jpg"]["status"] == "ok"  # a link inside the source keeps working
+        if command[0] == "artgan":
+            assert rows["../outside/private.jpg"]["error"] == "path leaves the dump folder"
+        assert MARK not in _bytes_under(out)
+    # asked for, the outside file is read: the check above can fail
+    out = tmp_path / "followed"
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out), "--follow-symlinks", link])
+    assert res.exit_code == 0, res.output
+    assert MARK in _bytes_under(out)
+
+
+def test_out_is_claimed_and_only_atelier_part_files_are_removed(tmp_path):
+    src = tmp_path / "src"
+    _copy_sample(src, 2)
+    # a folder of the user's own files is refused, untouched
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(mine)])
+    _one_line_error(res, "atelier did not write")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # --out that is a file
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(mine / "notes.txt")])
+    _one_line_error(res, "is a file")
+    out = tmp_path / "raw"
+    assert runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)]).exit_code == 0
+    label = next(p for p in out.iterdir() if p.is_dir())
+    users = {out / ".notes.part": b"user notes", label / ".draft.jpg.part": b"user draft"}
+    for path, data in users.items():
+        path.write_bytes(data)
+    stale = label / f".left-by-a-kill.jpg{PART_SUFFIX}"
+    stale.write_bytes(b"half an image")
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert {p: p.read_bytes() for p in users} == users
+    assert not stale.exists()
+
+
+def test_an_earlier_versions_out_is_adopted(tmp_path):
+    src = tmp_path / "src"
+    _copy_sample(src, 2)
+    out = tmp_path / "raw"
+    assert runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)]).exit_code == 0
+    (out / MARKER).unlink()  # as an earlier version left it: catalog and tree, no marker
+    with open(out / ".catalog.journal.jsonl", "ab") as fh:  # a torn line, bytes that are not UTF-8, a stray type
+        fh.write(b'{"source": "folder", "source_id": 5, "status": "ok"}\n\xff\xfe garbage\n{"source": "fol')
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "added 0, already there 2" in res.output and (out / MARKER).is_file()
+    assert _catalog(out).height == 2
+
+
+def test_out_inside_the_source_is_not_ingested_again(tmp_path):
+    src = tmp_path / "src"
+    _copy_sample(src, 4)
+    out = src / "raw"
+    first = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    before = _catalog(out)
+    second = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    assert "added 0, already there 4, failed 0" in second.output
+    after = _catalog(out)
+    assert after.height == before.height == 4
+    assert not any(s.startswith("raw/") for s in after["source_id"])
+
+
+def _foreign_parquet(path: Path) -> bytes:
+    pl.DataFrame({"path": ["a.jpg"], "score": [0.5]}).write_parquet(path)
+    return path.read_bytes()
+
+
+def test_a_foreign_or_malformed_catalog_in_out_is_refused_and_kept(tmp_path):
+    from curator.ingest import CATALOG_KIND
+    from curator.manifest import write_atomic
+
+    src = tmp_path / "src"
+    _copy_sample(src, 2)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    data = _foreign_parquet(fresh / CATALOG_NAME)
+    _one_line_error(runner.invoke(app, ["ingest", "folder", str(src), "--out", str(fresh)]),
+                    "not written by atelier")
+    assert (fresh / CATALOG_NAME).read_bytes() == data and sorted(os.listdir(fresh)) == [CATALOG_NAME]
+    # atelier's own OUT where the user put a parquet of theirs, or a catalog whose columns were rewritten
+    out = tmp_path / "raw"
+    assert runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)]).exit_code == 0
+    data = _foreign_parquet(out / CATALOG_NAME)
+    _one_line_error(runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)]), "not written by atelier")
+    assert (out / CATALOG_NAME).read_bytes() == data
+    bad = _catalog_frame().with_columns(pl.lit(1.5).alias("label"))
+    write_atomic(bad, out / CATALOG_NAME, metadata={"kind": CATALOG_KIND})
+    data = (out / CATALOG_NAME).read_bytes()
+    _one_line_error(runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)]), "label is Float64")
+    assert (out / CATALOG_NAME).read_bytes() == data
+    (out / CATALOG_NAME).write_bytes(b"PAR1 not really")
+    _one_line_error(runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)]), "not a readable Parquet")
+
+
+def _catalog_frame() -> pl.DataFrame:
+    from curator.ingest import CATALOG_SCHEMA
+
+    row = {c: None for c in CATALOG_SCHEMA} | {"path": "Baroque/a.jpg", "label": "Baroque", "source": "folder",
+                                                 "source_id": "Baroque/a.jpg", "status": "ok", "tags": [],
+                                                 "source_id_escaped": False}
+    return pl.DataFrame([row], schema=CATALOG_SCHEMA)
+
+
+def test_read_catalog_knows_atelier_catalogs_from_other_files(tmp_path):
+    from curator.errors import UsageError
+    from curator.ingest import CATALOG_KIND, read_catalog
+    from curator.manifest import write_atomic
+
+    root = tmp_path / "root"
+    root.mkdir()
+    assert read_catalog(root) is None
+    _foreign_parquet(root / CATALOG_NAME)
+    assert read_catalog(root) is None  # someone else's file: clean treats it as an ordinary file
+    (root / CATALOG_NAME).write_bytes(b"not parquet at all")
+    assert read_catalog(root) is None
+    write_atomic(_catalog_frame(), root / CATALOG_NAME, metadata={"kind": CATALOG_KIND})
+    assert read_catalog(root)["source_id"].to_list() == ["Baroque/a.jpg"]
+    # an earlier version's catalog: atelier metadata without a kind, no source_id_escaped column
+    write_atomic(_catalog_frame().drop("source_id_escaped"), root / CATALOG_NAME)
+    assert read_catalog(root)["source_id_escaped"].to_list() == [False]
+    for broken, fragment in ((_catalog_frame().with_columns(pl.lit(3).alias("status")), "status is Int32"),
+                             (_catalog_frame().with_columns(pl.lit("maybe").alias("status")), "unknown status"),
+                             (_catalog_frame().drop("sha256"), "lacks column(s) sha256")):
+        write_atomic(broken, root / CATALOG_NAME, metadata={"kind": CATALOG_KIND})
+        with pytest.raises(UsageError, match=re.escape(fragment)) as info:
+            read_catalog(root)
+        assert "\n" not in str(info.value)
+    # in a folder an ingest made, an unreadable catalog is atelier's, damaged
+    out = tmp_path / "raw"
+    src = tmp_path / "src"
+    _copy_sample(src, 1)
+    assert runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)]).exit_code == 0
+    (out / CATALOG_NAME).write_bytes(b"truncated")
+    with pytest.raises(UsageError, match="unreadable") as info:
+        read_catalog(out)
+    assert "\n" not in str(info.value)
+
+
+NOWHERE = "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["wikiart", "--style", "Baroque", "--rate", "0"], "--rate"),
+    (["wikiart", "--style", "Baroque", "--rate", "-2"], "--rate"),
+    (["wikiart", "--style", "Baroque", "--rate", "nan"], "--rate must be a positive number, got nan"),
+    (["wikiart", "--style", "Baroque", "--timeout", "nan"], "--timeout"),
+    (["wikiart", "--style", "Baroque", "--concurrency", "0"], "--concurrency"),
+    (["wikiart", "--style", "Baroque", "--max-bytes", "0"], "--max-bytes"),
+    (["folder", "{tmp}/nowhere"], "does not exist"),
+    (["folder", "{tmp}/src", "--group-pattern", "([unclosed"], "--group-pattern"),
+    (["folder", "{tmp}/src", "--max-bytes", "-5"], "--max-bytes"),
+    (["artgan", "{tmp}/src", "--csv", "{tmp}/absent.csv"], "--csv"),
+    (["artgan", "{tmp}/src", "--csv", "{tmp}/style_train.csv", "--classes", "{tmp}/absent.txt"], "--classes"),
+    (["artgan", "{tmp}/nowhere", "--csv", "{tmp}/style_train.csv"], "does not exist"),
+    (["parquet", "{tmp}/float_labels.parquet"], "label column 'style' holds double"),
+    (["parquet", "{tmp}/text_images.parquet"], "image column 'image' holds string"),
+    (["parquet", "{tmp}/absent.parquet"], "does not exist"),
+])
+def test_bad_input_is_one_line_before_out_is_touched(tmp_path, args, fragment):
+    _copy_sample(tmp_path / "src", 1)
+    (tmp_path / "style_train.csv").write_text("Baroque/x.jpg,0\n")
+    blob = sample_paintings(1)[0].read_bytes()
+    pq.write_table(pa.table({"image": [{"bytes": blob, "path": "a.jpg"}], "style": [1.0]}),
+                   tmp_path / "float_labels.parquet")
+    pq.write_table(pa.table({"image": ["a.jpg"], "style": [1]}), tmp_path / "text_images.parquet")
+    out = tmp_path / "raw"
+    argv = ["ingest", *[a.replace("{tmp}", str(tmp_path)) for a in args], "--out", str(out)]
+    if args[0] == "wikiart":
+        argv += ["--base-url", NOWHERE]
+    _one_line_error(runner.invoke(app, argv), fragment)
+    assert not out.exists()
+
+
+def test_parquet_class_ids_outside_the_names_are_failed_rows(tmp_path):
+    blob = sample_paintings(1)[0].read_bytes()
+    table = pa.table({"image": [{"bytes": blob, "path": "a.jpg"}] * 2, "style": [0, 7]})
+    features = {"style": {"names": ["Baroque"], "_type": "ClassLabel"}}
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})}),
+                   tmp_path / "t.parquet")
+    res = runner.invoke(app, ["ingest", "parquet", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "raw")])
+    assert res.exit_code == 0, res.output
+    cat = _catalog(tmp_path / "raw").sort("source_id")
+    assert cat["status"].to_list() == ["ok", "failed"] and cat["label"].to_list() == ["Baroque", None]
+    assert "class id 7" in cat["error"][1]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_landed_files_follow_the_umask(tmp_path, umask, mode):
+    src = tmp_path / "src"
+    _copy_sample(src, 2)
+    old = os.umask(umask)
+    try:
+        res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(tmp_path / "raw"), "--no-link"])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    cat = _catalog(tmp_path / "raw")
+    for rel in [*cat["path"], CATALOG_NAME]:
+        assert (tmp_path / "raw" / rel).stat().st_mode & 0o777 == mode, rel

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -7,7 +8,13 @@ import polars as pl
 import pytest
 
 from curator.clean import CleanSettings, clean
-from curator.mislabels import MislabelSettings, estimate_noise_rate, out_of_fold_probabilities, score_mislabels
+from curator.mislabels import (
+    MislabelSettings,
+    cached_score,
+    estimate_noise_rate,
+    out_of_fold_probabilities,
+    score_mislabels,
+)
 from tests.conftest import SAMPLE
 
 SWAPS = {  # file -> the wrong style it is filed under
@@ -87,7 +94,7 @@ def test_noise_rate_estimate_tracks_planted_noise():
         assert abs(estimate_noise_rate(evidence, given, tau=0.05) - rate) < 0.03, rate
 
 
-def test_single_group_class_is_left_to_the_neighbours():
+def test_single_group_class_is_left_unscored():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(60, 8))
     y = np.repeat([0, 1, 2], 20)
@@ -95,7 +102,105 @@ def test_single_group_class_is_left_to_the_neighbours():
     _, has_probe = out_of_fold_probabilities(x, y, groups, 3, 5, 1.0, 0)
     assert has_probe[:40].all() and not has_probe[40:].any()
     result = score_mislabels(x, [str(v) for v in y], list(groups), MislabelSettings(neighbours=5))
-    assert result.knn_only_classes == ["2"]
+    assert result.unscored_classes == ["2"]
+    assert result.scored[:40].all() and not result.scored[40:].any() and not result.flagged[40:].any()
+    assert np.isnan(result.score[40:]).all() and np.isfinite(result.score[:40]).all()
+
+
+def test_a_dominant_artist_is_unscored_but_a_stray_file_in_its_class_is_scored():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 8))
+    labels = ["a"] * 20 + ["b"] * 20
+    groups = [f"g{i % 5}" for i in range(20)] + ["solo"] * 17 + ["x", "y", "z"]
+    result = score_mislabels(x, labels, groups, MislabelSettings(neighbours=5))
+    assert result.scored[:20].all() and not result.scored[20:37].any() and result.scored[37:].all()
+
+
+def test_rows_without_a_group_are_scored_as_groups_of_their_own():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 8)) * 4
+    y = np.repeat([0, 1, 2], 20)
+    x = centres[y] + rng.normal(size=(60, 8))
+    groups: list[str | None] = [f"a{i % 6}" for i in range(60)]
+    groups[5] = groups[25] = None  # names the --group-pattern did not match
+    labels = [str(v) for v in y]
+    labels[5] = "2"  # and one of them filed under the wrong class
+    result = score_mislabels(x, labels, groups, MislabelSettings(neighbours=5))
+    assert result.scored.all() and result.score[5] == result.score.max() > 0.9
+    assert result.score[25] < 0.5 and result.suggested[5] == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "pickled", "wrong-shapes", "wrong-classes", "nan"])
+def test_a_damaged_score_cache_is_recomputed_with_a_warning(tmp_path, damage):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(30, 8))
+    labels = [str(v) for v in np.repeat([0, 1, 2], 10)]
+    groups = [f"g{i % 5}" for i in range(30)]
+    settings = MislabelSettings(neighbours=5)
+    first, notes = cached_score(tmp_path, ["k"], x, labels, groups, settings)
+    assert notes == []
+    (path,) = tmp_path.glob("mislabels-*.npz")
+    good = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"PK\x03\x04 not really a zip file")
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "pickled":
+        np.savez(path, meta=np.array([{"a": 1}], dtype=object))
+    else:
+        with np.load(path) as saved:
+            arrays = dict(saved)
+        if damage == "wrong-shapes":
+            arrays["evidence"] = arrays["evidence"][:5]
+        elif damage == "wrong-classes":
+            arrays["meta"] = np.array(json.dumps({"classes": ["x"], "unscored": [], "noise_rate": 0.1}))
+        else:
+            arrays["evidence"][0, 0] = np.nan
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+    again, notes = cached_score(tmp_path, ["k"], x, labels, groups, settings)
+    assert len(notes) == 1 and "damaged" in notes[0] and "recomputed" in notes[0] and "\n" not in notes[0]
+    assert np.array_equal(again.flagged, first.flagged) and np.allclose(again.evidence, first.evidence)
+    assert cached_score(tmp_path, ["k"], x, labels, groups, settings)[1] == []
+
+
+@pytest.fixture(scope="module")
+def one_artist_classes(tmp_path_factory):
+    """The sample with every Rembrandt and every Childe Hassam filed as a class of its own (one artist each), and one
+    file whose name the group pattern does not match."""
+    root = tmp_path_factory.mktemp("one-artist") / "raw"
+    shutil.copytree(SAMPLE, root, ignore=shutil.ignore_patterns("*.md"))
+    for artist in ("rembrandt", "childe-hassam"):
+        (root / artist).mkdir()
+        for path in list(root.rglob(f"{artist}_*.jpg")):
+            path.rename(root / artist / path.name)
+    (root / "Ukiyo_e" / "katsushika-hokusai_dragon.jpg").rename(root / "Ukiyo_e" / "nameless.jpg")
+    settings = CleanSettings(root=root, workspace=root.parent / "ws", group_pattern=r"^([^_]+)_", workers=1)
+    return settings, clean(settings)
+
+
+def test_one_artist_classes_are_not_flagged_wholesale(one_artist_classes):
+    _, result = one_artist_classes
+    df = result.manifest
+    for artist in ("rembrandt", "childe-hassam"):
+        rows = df.filter(pl.col("label") == artist)
+        assert len(rows) >= 13 and rows["group"].n_unique() == 1
+        assert rows["is_mislabel_issue"].sum() < 0.1 * len(rows)
+        assert rows["mislabel_score"].null_count() == len(rows)  # not judged: no other artist can vouch for them
+    assert df["is_mislabel_issue"].sum() <= 0.15 * len(df)
+    assert any("not checked for mislabels" in w and "rembrandt (13 of 13)" in w for w in result.warnings)
+    nameless = df.filter(pl.col("path") == "Ukiyo_e/nameless.jpg").row(0, named=True)
+    assert nameless["group"] is None and nameless["mislabel_score"] is not None
+
+
+def test_a_garbage_score_cache_does_not_break_reruns(one_artist_classes):
+    settings, first = one_artist_classes
+    (path,) = (settings.workspace / "cache").rglob("mislabels-*.npz")
+    path.write_bytes(b"garbage")
+    again = clean(settings)
+    assert again.manifest.equals(first.manifest)
+    assert any("mislabel cache" in w and "recomputed" in w for w in again.warnings)
+    assert not any("mislabel cache" in w for w in clean(settings).warnings)
 
 
 def test_flagged_rows_name_their_nearest_images_of_the_suggested_class_in_the_report(cleaned):

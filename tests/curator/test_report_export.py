@@ -61,7 +61,7 @@ def test_export_places_exactly_the_kept_rows_and_leaves_the_source(cleaned, tmp_
     assert tree_checksums(root) == before
     kept = set(result.manifest.filter(pl.col("keep"))["path"])
     exported = {p.relative_to(tmp_path / "set").as_posix() for p in (tmp_path / "set").rglob("*")
-                if p.is_file() and p.name != "manifest.parquet"}
+                if p.is_file() and p.name not in ("manifest.parquet", ".atelier")}
     assert exported == kept and report.files == len(kept)
     assert set(manifest.read(tmp_path / "set")["path"]) == kept
     again = export_kept(result.manifest, root, tmp_path / "set")  # a rerun finds everything there

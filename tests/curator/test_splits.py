@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+from curator import manifest
 from curator.clean import CleanSettings, clean
 from curator.cli import app
 from curator.duplicates import DuplicateSettings
-from curator.errors import UsageError
+from curator.errors import ManifestError, UsageError
 from curator.planting import KINDS, plant_tree
 from curator.splits import SplitSettings, assign_parts, balance_weights, make_splits
 from tests.conftest import SAMPLE
@@ -115,3 +119,115 @@ def test_cli_split_and_its_errors(workspace, tmp_path):
     assert missing.exit_code == 1 and "run `curator clean" in missing.output
     bad = runner.invoke(app, ["split", "--workspace", str(workspace), "--ratios", "0.5,0.5"])
     assert bad.exit_code == 2 and "--ratios" in bad.output
+
+
+BAD_SETTINGS = {
+    "nan-ratio": {"ratios": (float("nan"), 0.1, 0.1)},
+    "inf-ratio": {"ratios": (float("inf"), 0.1, 0.1)},
+    "negative-ratio": {"ratios": (1.2, -0.1, -0.1)},
+    "zero-sum": {"ratios": (0.0, 0.0, 0.0)},
+    "two-ratios": {"ratios": (0.5, 0.5)},
+    "text-ratio": {"ratios": ("0.8", 0.1, 0.1)},
+    "cap-zero": {"balance": "cap:0"},
+    "cap-negative": {"balance": "cap:-1"},
+    "cap-text": {"balance": "cap:abc"},
+    "cap-empty": {"balance": "cap:"},
+    "bad-regex": {"group_pattern": "^([^_]+_"},
+    "empty-regex": {"group_pattern": ""},
+    "one-fold": {"folds": 1},
+    "negative-folds": {"folds": -3},
+    "fractional-folds": {"folds": 2.5},
+}
+
+
+@pytest.mark.parametrize("kwargs", list(BAD_SETTINGS.values()), ids=list(BAD_SETTINGS))
+def test_settings_refuse_bad_input_in_one_line(kwargs):
+    with pytest.raises(UsageError) as refused:
+        SplitSettings(**kwargs)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("--")
+
+
+BAD_ARGS = {
+    "nan-ratio": ["--ratios", "nan,0.1,0.1"],
+    "inf-ratio": ["--ratios", "inf,0.1,0.1"],
+    "negative-ratio": ["--ratios", "1.2,-0.1,-0.1"],
+    "zero-ratios": ["--ratios", "0,0,0"],
+    "cap-zero": ["--balance", "cap:0"],
+    "cap-negative": ["--balance", "cap:-1"],
+    "cap-text": ["--balance", "cap:abc"],
+    "bad-regex": ["--group-pattern", "(["],
+    "one-fold": ["--folds", "1"],
+    "more-folds-than-groups": ["--folds", "500"],
+}
+
+
+@pytest.mark.parametrize("args", list(BAD_ARGS.values()), ids=list(BAD_ARGS))
+def test_cli_refuses_bad_input_with_one_line_and_exit_2(workspace, args):
+    before = (workspace / "manifest.parquet").read_bytes()
+    result = CliRunner().invoke(app, ["split", "--workspace", str(workspace), *args])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error:")
+    assert (workspace / "manifest.parquet").read_bytes() == before
+
+
+@pytest.fixture
+def ws_copy(workspace, tmp_path):
+    copy = tmp_path / "ws"
+    shutil.copytree(workspace, copy)
+    return copy
+
+
+def test_wrong_column_types_in_the_manifest_are_one_line(ws_copy):
+    path = ws_copy / manifest.MANIFEST_NAME
+    df, meta = manifest.read(path), manifest.read_metadata(path)
+    meta.pop("schema_version")
+    manifest.write_atomic(df.with_columns(pl.col("bytes").cast(pl.String)), path, meta)
+    with pytest.raises(ManifestError, match="bytes is String"):
+        make_splits(ws_copy)
+    result = CliRunner().invoke(app, ["split", "--workspace", str(ws_copy)])
+    assert result.exit_code == 1 and "bytes" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def _cache_files(ws):
+    meta = manifest.read_metadata(ws / manifest.MANIFEST_NAME)
+    directory = ws / "cache" / "embeddings"
+    return directory / f"{meta['backbone_key']}.emb", directory / f"{meta['backbone_key']}.json"
+
+
+def test_no_certificate_from_nan_vectors(ws_copy):
+    emb, meta_path = _cache_files(ws_copy)
+    dim = json.loads(meta_path.read_text())["dim"]
+    with open(emb, "r+b") as fh:  # every cached vector gets a NaN: none of them may reach the certificate
+        for record in range(emb.stat().st_size // (32 + 2 * dim)):
+            fh.seek(record * (32 + 2 * dim) + 32 + 10)
+            fh.write(np.float16(np.nan).tobytes())
+    splits = ws_copy / "splits.parquet"
+    before, splits_before = emb.read_bytes(), splits.read_bytes() if splits.exists() else None
+    with pytest.raises(UsageError, match=r"no usable cached embedding .* run `curator clean` again"):
+        make_splits(ws_copy)
+    result = CliRunner().invoke(app, ["split", "--workspace", str(ws_copy)])
+    assert result.exit_code == 2 and "no usable cached embedding" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert emb.read_bytes() == before and (splits.read_bytes() if splits.exists() else None) == splits_before
+
+
+def test_tampered_cache_width_is_refused_never_truncated(ws_copy):
+    emb, meta_path = _cache_files(ws_copy)
+    before = emb.read_bytes()
+    meta = json.loads(meta_path.read_text())
+    for tampered in ({**meta, "dim": meta["dim"] - 7},
+                     {**meta, "dim": 1000, "layout": {"pooled": [0, 500], "stats": [500, 1000]}}):
+        meta_path.write_text(json.dumps(tampered))
+        result = CliRunner().invoke(app, ["split", "--workspace", str(ws_copy)])
+        assert result.exit_code == 2 and "unusable" in result.output and "curator clean" in result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+        assert emb.read_bytes() == before
+
+
+def test_file_names_the_group_pattern_misses_are_counted(workspace):
+    result = make_splits(workspace, SplitSettings(group_pattern=r"^(?:rembrandt|katsushika-hokusai|[a-g][^_]*)_"))
+    assert len(result.warnings) == 1 and "matched no group in" in result.warnings[0]
+    assert result.report["warnings"] == result.warnings
