@@ -126,9 +126,9 @@ def finetune(ws: Path, results: dict, probe_probs: dict[str, np.ndarray]) -> Pat
 
     table = read_split_table(ws / "splits.parquet")
     loaded = checkpoint.load(run)
-    pixels = PixelCache(ws / "cache" / "pixels", loaded.meta["preprocessing"]["resize_side"])
+    pixels = PixelCache(ws / "cache" / "pixels", loaded.preprocess)
     test = table.rows("test")
-    loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(test["sha256"].to_list()), 224, None),
+    loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(test["sha256"].to_list()), None),
                                          batch_size=64)
     ft_probs, _ = predict_pixels(loaded.classifier, loader, select_runtime(), True)
     idx = {c: i for i, c in enumerate(loaded.classes)}

@@ -10,6 +10,11 @@ one-line `UsageError` before any large allocation: the structure of model.json (
 size, e.g. input sides within MIN_SIDE..MAX_SIDE pixels), the backbone name, then the tensors (all finite, head
 widths agreeing with the class list and the feature layout), then every backbone tensor's name and shape against a
 skeleton of the architecture on PyTorch's meta device (no memory), and only then the model is allocated.
+
+model.json's `preprocessing` records the model's `curator.preprocess.Preprocess` (resize, crop, interpolation, mean,
+std, version) and the test-time augmentation; loading rebuilds that Preprocess (`Loaded.preprocess`), after checking
+that it is the one the backbone's data config gives. Runs written before it was recorded (`resize_side` and `crop`
+only, squares resized with bicubic) load as a Preprocess with bicubic interpolation.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from classify.model import Classifier
 from curator.atomic import atomic_path
 from curator.backbones import Backbone, feature_layout_of, offline_architecture, timm_architecture
 from curator.errors import UsageError
+from curator.preprocess import INTERPOLATIONS, VERSION as PREPROCESS_VERSION, Preprocess
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
@@ -43,10 +49,34 @@ HISTORY_NUMBERS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "
 class Loaded:
     classifier: Classifier
     meta: dict
+    preprocess: Preprocess  # how the model's input pixels are made, from model.json (see `preprocess_of`)
 
     @property
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
+
+    @property
+    def tta(self) -> bool:
+        """Whether predictions average the image with its horizontal flip (as the run was validated)."""
+        return bool(self.meta["preprocessing"].get("tta"))
+
+
+def preprocessing_meta(preprocess: Preprocess, tta: str | None) -> dict:
+    """model.json's `preprocessing`: every parameter of `preprocess`, its version, and the test-time augmentation."""
+    return {"resize": preprocess.resize, "crop": preprocess.crop, "interpolation": preprocess.interpolation,
+            "mean": list(preprocess.mean), "std": list(preprocess.std), "version": PREPROCESS_VERSION, "tta": tta}
+
+
+def preprocess_of(meta: dict, data_config: dict) -> Preprocess:
+    """The Preprocess a validated model.json records. A run written before the preprocessing was recorded has
+    `resize_side` and `crop` only: its squares were resized with bicubic, and its normalisation is the data
+    config's where model.json does not give it."""
+    pre = meta["preprocessing"]
+    mean = tuple(float(v) for v in pre.get("mean") or data_config["mean"])
+    std = tuple(float(v) for v in pre.get("std") or data_config["std"])
+    if "resize" in pre:
+        return Preprocess(pre["resize"], pre["crop"], pre["interpolation"], mean, std)
+    return Preprocess(pre["resize_side"], pre["crop"], "bicubic", mean, std)
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
@@ -148,16 +178,31 @@ def _check_classes(check: _MetaCheck, meta: dict) -> list[str]:
 
 
 def _check_preprocessing(check: _MetaCheck, meta: dict) -> None:
+    """`preprocessing` as `preprocessing_meta` writes it (resize, crop, interpolation, mean, std, version, tta), or
+    as runs before it wrote it (resize_side, crop, optional mean and std, tta)."""
     pre = check.get(meta, "preprocessing", (dict,))
-    resize = check.side(pre, "resize_side", "preprocessing")
+    legacy = "resize" not in pre and "resize_side" in pre
+    resize_key = "resize_side" if legacy else "resize"
+    resize = check.side(pre, resize_key, "preprocessing")
     crop = check.side(pre, "crop", "preprocessing")
     if crop > resize:
-        check.fail("preprocessing.crop", f"({crop}) is larger than preprocessing.resize_side ({resize})")
+        check.fail("preprocessing.crop", f"({crop}) is larger than preprocessing.{resize_key} ({resize})")
     check.get(pre, "tta", (str, bool, type(None)), "preprocessing", required=False)
+    if not legacy:
+        interpolation = check.get(pre, "interpolation", (str,), "preprocessing")
+        if interpolation not in INTERPOLATIONS:
+            check.fail("preprocessing.interpolation", f"is {_show(interpolation)}, expected one of "
+                                                      f"{', '.join(INTERPOLATIONS)}")
+        version = check.get(pre, "version", (int,), "preprocessing")
+        if not 1 <= version <= PREPROCESS_VERSION:
+            check.fail("preprocessing.version", f"is {version}, expected 1..{PREPROCESS_VERSION} (a newer atelier "
+                                                f"wrote it?)")
     for key in ("mean", "std"):
-        values = check.get(pre, key, (list,), "preprocessing", required=False)
+        values = check.get(pre, key, (list,), "preprocessing", required=not legacy)
         if values is not None and not (len(values) == 3 and all(_is_kind(v, float) for v in values)):
             check.fail(f"preprocessing.{key}", f"is {_show(values)}, expected three finite numbers")
+        if key == "std" and values is not None and not all(v > 0 for v in values):
+            check.fail("preprocessing.std", f"is {_show(values)}, expected three positive numbers")
 
 
 def _check_settings(check: _MetaCheck, meta: dict, classes: list[str]) -> None:
@@ -299,17 +344,35 @@ def _skeleton(name: str) -> torch.nn.Module | None:
         return None
 
 
+def _check_preprocess(meta: dict, data_config: dict, run_dir: Path, name: str) -> Preprocess:
+    """model.json's Preprocess, after checking it against the backbone's data config: the crop is the model's input
+    side, and a recorded Preprocess is the one the config gives (a run before it was recorded: the same resize and,
+    where given, the same normalisation; its interpolation was always bicubic)."""
+    expected = Preprocess.from_data_config(data_config)
+    stored = preprocess_of(meta, data_config)
+    legacy = "resize" not in meta["preprocessing"]
+    where = f"{run_dir}/{META_NAME}: preprocessing"
+    if stored.crop != expected.crop:
+        raise UsageError(f"{where}.crop is {stored.crop} but backbone {name!r} takes {expected.crop} pixels; the "
+                         f"checkpoint is damaged")
+    for part in ("resize", "mean", "std") + (() if legacy else ("interpolation",)):
+        got, want = getattr(stored, part), getattr(expected, part)
+        if got != want:
+            key = "resize_side" if legacy and part == "resize" else part
+            raise UsageError(f"{where}.{key} is {_show(got)} but backbone {name!r} preprocesses with {_show(want)}; "
+                             f"the checkpoint is damaged")
+    return stored
+
+
 def _check_architecture(model: torch.nn.Module, state: dict[str, torch.Tensor], meta: dict, run_dir: Path,
-                        name: str) -> tuple[dict, dict[str, tuple[int, int]]]:
-    """The backbone's data config and feature layout, after checking that model.json's crop and layout and the
-    file's backbone tensors (`net.*`: every name and shape) are the ones this architecture has."""
+                        name: str) -> tuple[dict, dict[str, tuple[int, int]], Preprocess]:
+    """The backbone's data config, feature layout and the run's Preprocess, after checking that model.json's
+    preprocessing (`_check_preprocess`) and layout and the file's backbone tensors (`net.*`: every name and shape)
+    are the ones this architecture has."""
     import timm
 
     data_config = timm.data.resolve_model_data_config(model)
-    crop, model_side = meta["preprocessing"]["crop"], int(data_config["input_size"][-1])
-    if crop != model_side:
-        raise UsageError(f"{run_dir}/{META_NAME}: preprocessing.crop is {crop} but backbone {name!r} takes "
-                         f"{model_side} pixels; the checkpoint is damaged")
+    preprocess = _check_preprocess(meta, data_config, run_dir, name)
     stored = {part: tuple(span) for part, span in meta["backbone"].get("feature_layout", {}).items()}
     layout = feature_layout_of(model, gram="gram" in stored)
     if stored and stored != layout:
@@ -323,7 +386,7 @@ def _check_architecture(model: torch.nn.Module, state: dict[str, torch.Tensor], 
                     else f"has shape {found[key]}, not {expected[key]}")
             raise UsageError(f"{weights} does not fit backbone {name!r}: tensor {key} {what}; the checkpoint is "
                              f"damaged")
-    return data_config, layout
+    return data_config, layout, preprocess
 
 
 def load(run_dir: Path, expect_backbone: str | None = None) -> Loaded:
@@ -346,7 +409,7 @@ def load(run_dir: Path, expect_backbone: str | None = None) -> Loaded:
         _check_architecture(skeleton, state, meta, run_dir, name)
 
     model = offline_architecture(name)
-    data_config, layout = _check_architecture(model, state, meta, run_dir, name)
+    data_config, layout, preprocess = _check_architecture(model, state, meta, run_dir, name)
     backbone = Backbone(name, model, data_config, meta["backbone"]["weights_origin"], layout)
     classifier = Classifier(backbone, len(meta["classes"]), meta["settings"].get("dropout", 0.0))
     try:
@@ -355,4 +418,4 @@ def load(run_dir: Path, expect_backbone: str | None = None) -> Loaded:
         raise UsageError(f"{weights} does not fit backbone {name!r} with {len(meta['classes'])} classes: "
                          f"{_first_line(exc)}") from None
     classifier.eval()
-    return Loaded(classifier, meta)
+    return Loaded(classifier, meta, preprocess)

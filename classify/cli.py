@@ -217,11 +217,15 @@ def classify_directory(
     backbone: Annotated[str, typer.Option(help="Backbone when no --model is given.")] = "efficientnet_lite0",
     weights: Annotated[Path | None, typer.Option(help="Weights file for --backbone.")] = None,
     top_k: Annotated[int, typer.Option(help="How many labels and scores per row.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 64,
-    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores - 1).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model batch (default: 256 on CUDA, 32 on "
+                                                        "CPU).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores - 1 on CUDA, 1 on "
+                                                     "CPU, none for a folder of at most 64 files).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), fp32, bf16 (native CPUs only), "
                                             "fp16.")] = "auto",
+    gpu_decode: Annotated[bool | None, typer.Option(help="Decode JPEGs on the GPU with nvjpeg (default: on with "
+                                                         "CUDA).")] = None,
     embeddings: Annotated[bool, typer.Option(help="Also store each image's feature vector.")] = False,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run (or reuse a finished one).")] = False,
     compile: Annotated[bool, typer.Option(help="torch.compile the model first (worth it on GPUs).")] = False,
@@ -243,18 +247,21 @@ def classify_directory(
         settings = PredictSettings(
             model=str(model) if model else None, backbone=backbone, weights=str(weights) if weights else None,
             top_k=top_k, batch_size=batch_size, workers=workers, device=device, dtype=dtype, embeddings=embeddings,
-            resume=resume, compile=compile, flush_every=max(1, batch_size) * max(1, 2048 // max(1, batch_size)),
-            max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+            resume=resume, compile=compile, max_bytes=max_bytes, follow_symlinks=follow_symlinks,
+            gpu_decode=gpu_decode)
         with progress_bar() as bar:
             result = classify_dir(directory, out, settings, EpochDisplay(bar))
     except AtelierError as exc:
         raise fail(exc) from None
     table = Table(title="classify dir")
-    for column in ("files", "classified", "errors", "resumed", "images/s", "device"):
+    for column in ("files", "classified", "errors", "resumed", "images/s", "device", "bound by"):
         table.add_column(column, justify="right")
     table.add_row(str(result.files), str(result.predicted), str(result.errors), str(result.resumed_rows),
-                  f"{result.images_per_second:.1f}", f"{result.runtime.device} {result.runtime.dtype}")
+                  f"{result.images_per_second:.1f}", f"{result.runtime.device} {result.runtime.dtype}",
+                  f"{result.bound} ({result.wait_share:.0%} waiting for data)")
     console.print(table)
+    console.print(f"batch {result.batch_size}, {result.workers} decode workers, {result.device_jpegs} JPEGs decoded "
+                  f"on the GPU; the model waited {result.wait_seconds:.1f} s of {result.seconds:.1f} s for data")
     console.print(f"model: {escape(result.model)}")
     console.print(f"predictions: {escape(display(str(result.out)))}")
 

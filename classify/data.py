@@ -1,9 +1,11 @@
 """What training reads: the split table of a curated workspace, and the images' pixels decoded once.
 
-A training run decodes each image once into a square of the model's resize side (the short side resized, the centre
-kept: exactly the region the model's eval transform crops from) and appends it to a pixel cache in the workspace,
-keyed by the file's sha256. Epochs, reruns and other settings read pixels from that memory-mapped file; nothing is
-decoded twice, and RAM stays bounded by the page cache rather than by the size of the dataset.
+A training run decodes each image once into the square of the model's preprocessing (`Preprocess.square`: the short
+side resized with the model's interpolation, the centre kept: exactly the region the eval transform crops from) and
+appends it to a pixel cache in the workspace, keyed by the file's sha256. The cache itself is keyed by the
+preprocessing (`Preprocess.key`), so squares made another way are never read. Epochs, reruns and other settings read
+pixels from that memory-mapped file; nothing is decoded twice, and RAM stays bounded by the page cache rather than by
+the size of the dataset.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import polars as pl
 
 from curator import manifest
 from curator.atomic import atomic_path
-from curator.embed import set_aside, whole_records
 from curator.errors import UsageError
 from curator.hashing import file_sha256
 from curator.images import ReadPolicy, decode_bytes, looks_like_image, read_image, read_source, scan
 from curator.paths import from_text, relative_text, to_text
+from curator.preprocess import Preprocess
+from curator.store import RecordStore, set_aside
 
 SPLITS = ("train", "val", "test")
 ProgressFn = Callable[[int], None]
@@ -121,36 +124,42 @@ def file_items(frame: pl.DataFrame) -> list[tuple[str, str]]:
 
 class PixelCache:
     """Append-only file of (sha256, crc32, uint8 side x side x 3) records, memory-mapped for reading, with a
-    `pixels-SIDE.json` metadata file (side, record size, format).
+    metadata file (side, record size, format, and the preprocessing key). `side` is `preprocess.resize`: a record is
+    `preprocess.square(image)`. The records live in a `curator.store.RecordStore`: appending costs O(batch), reads
+    touch only the rows asked for, and an interrupted run loses at most the batch in flight (fsync every 64 MB and
+    on `flush`/`close`; see `curator.store` for what a machine crash can lose).
+
+    The files are named by the preprocessing (`pixels-SIDE-HASH.u8` and `.json`, HASH from `preprocess.key()`), so a
+    model with other preprocessing (interpolation, crop, resize, version of the geometry) uses a cache of its own
+    and never reads squares made for another.
 
     Verified, not trusted:
     - records without metadata (a cache of an older format, or its metadata lost), unreadable metadata, or metadata
-      that disagrees with this side or record size make the file unusable: it is set aside (`*.unusable-N`, never
-      deleted) and a fresh cache is started, with a warning;
+      that disagrees with this side, record size or preprocessing key make the file unusable: it is set aside
+      (`*.unusable-N`, never deleted) and a fresh cache is started, with a warning;
     - a torn last record (a run killed mid-write) is cut off on open;
     - every record carries a CRC-32 of its sha256 and pixels; `verify` (run by `fill_pixel_cache` on the records it is
       about to use) drops a record that fails it from the index, with a warning, so that it is decoded again.
     Warnings collect in `self.warnings`.
     """
 
-    FORMAT = 2
+    FORMAT = 3
 
-    def __init__(self, directory: Path, side: int):
-        self.side = side
+    def __init__(self, directory: Path, preprocess: Preprocess):
+        self.preprocess = preprocess
+        self.side = side = preprocess.resize
         self.record = np.dtype([("sha", "u1", (32,)), ("crc", "<u4"), ("pix", "u1", (side, side, 3))])
-        self.path = Path(directory) / f"pixels-{side}.u8"
+        digest = hashlib.sha256(preprocess.key().encode()).hexdigest()[:12]
+        self.path = Path(directory) / f"pixels-{side}-{digest}.u8"
         self.meta_path = self.path.with_suffix(".json")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.warnings: list[str] = []
-        self._index: dict[bytes, int] = {}
-        self._dropped: set[int] = set()
-        self._map: np.ndarray | None = None
         self._verify_meta()
-        self._refresh()
+        self._store = RecordStore(self.path, self.record)
 
     def _meta(self) -> dict:
         return {"side": self.side, "record_bytes": self.record.itemsize, "format": self.FORMAT,
-                "checksum": "crc32 of sha256 bytes then pixels"}
+                "preprocess": self.preprocess.key(), "checksum": "crc32 of sha256 bytes then pixels"}
 
     def _verify_meta(self) -> None:
         """Set the records aside when their metadata is missing, unreadable or not this cache's; write fresh
@@ -165,7 +174,8 @@ class PixelCache:
                 problem = "its metadata is not readable JSON"
             elif any(meta.get(k) != v for k, v in self._meta().items()):
                 problem = (f"its metadata (side {meta.get('side')!r}, {meta.get('record_bytes')!r}-byte records, "
-                           f"format {meta.get('format')!r}) is not this cache's")
+                           f"format {meta.get('format')!r}, preprocessing {meta.get('preprocess')!r}) is not this "
+                           f"cache's")
         elif self.path.exists():
             problem = "its records have no metadata (an older format?)"
         if problem:
@@ -176,57 +186,53 @@ class PixelCache:
             with atomic_path(self.meta_path) as tmp:
                 tmp.write_text(json.dumps(self._meta(), indent=2))
 
-    def _refresh(self) -> None:
-        if not self.path.exists():
-            return
-        whole = whole_records(self.path, self.record.itemsize)
-        if whole == 0:
-            return
-        self._map = np.memmap(self.path, dtype=self.record, mode="r", shape=(whole,))
-        self._index = {sha.tobytes(): i for i, sha in enumerate(self._map["sha"]) if i not in self._dropped}
-
     def __contains__(self, sha: str) -> bool:
-        return bytes.fromhex(sha) in self._index
+        return sha in self._store
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._store)
 
     def append(self, shas: Sequence[str], pixels: np.ndarray) -> None:
+        """Persist a batch of squares with their checksums, in O(batch)."""
         records = np.empty(len(shas), dtype=self.record)
         records["sha"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
         records["pix"] = pixels
         records["crc"] = [_record_crc(r["sha"], r["pix"]) for r in records]
-        with open(self.path, "ab") as fh:
-            fh.write(records.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._refresh()
+        self._store.append(records)
+
+    def flush(self) -> None:
+        """Make every appended square durable (fsync)."""
+        self._store.flush()
+
+    def close(self) -> None:
+        """fsync and close the file (a later `append` reopens it)."""
+        self._store.close()
 
     def verify(self, shas: Sequence[str]) -> list[str]:
         """Check the cached records of `shas` against their checksums; a damaged one is dropped from the index (so
         it counts as not cached and is decoded again), with a warning. Returns the shas dropped."""
         damaged = []
+        records = self._store.records
         for sha in dict.fromkeys(shas):
-            row = self._index.get(bytes.fromhex(sha))
+            row = self._store.row(sha)
             if row is None:
                 continue
-            record = self._map[row]
+            record = records[row]
             if _record_crc(record["sha"], record["pix"]) != int(record["crc"]):
-                del self._index[bytes.fromhex(sha)]
-                self._dropped.add(row)
                 damaged.append(sha)
+        self._store.exclude(damaged)
         if damaged:
             self.warnings.append(f"pixel cache {self.path.name}: {len(damaged)} damaged records (checksum mismatch) "
                                  f"dropped; decoded again")
         return damaged
 
     def rows(self, shas: Sequence[str]) -> np.ndarray:
-        """Record numbers of `shas` (all must be cached)."""
-        return np.array([self._index[bytes.fromhex(s)] for s in shas], dtype=np.int64)
+        """Record numbers of `shas` (all must be cached; KeyError naming the first that is not)."""
+        return self._store.rows(shas, "pixels")
 
     def pixels(self, row: int) -> np.ndarray:
-        assert self._map is not None
-        return self._map["pix"][row]
+        """The square of record number `row`, read from the memory map."""
+        return self._store.records["pix"][row]
 
 
 def _record_crc(sha: np.ndarray, pix: np.ndarray) -> int:
@@ -234,31 +240,21 @@ def _record_crc(sha: np.ndarray, pix: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(pix), zlib.crc32(np.ascontiguousarray(sha)))
 
 
-def square_from_image(image, side: int) -> np.ndarray:
-    """An RGB PIL image's short side resized to `side` (bicubic, antialiased) and its centre square, as uint8 HWC."""
-    from PIL import Image
-
-    w, h = image.size
-    scale = side / min(w, h)
-    size = (max(side, round(w * scale)), max(side, round(h * scale)))
-    im = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-    left, top = (size[0] - side) // 2, (size[1] - side) // 2
-    return np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.uint8)
-
-
-def square_pixels(path: Path, side: int, data: bytes | None = None) -> tuple[np.ndarray | None, str | None]:
-    """`square_from_image` of the file, or the reason it cannot be read (the same safe loader and wording as
-    `curator clean`)."""
-    decoded = read_image(Path(path), (side, side)) if data is None else decode_bytes(Path(path), data, (side, side))
+def square_pixels(path: Path, preprocess: Preprocess,
+                  data: bytes | None = None) -> tuple[np.ndarray | None, str | None]:
+    """`preprocess.square` of the file (uint8 HWC, side `preprocess.resize`), or the reason it cannot be read (the
+    same safe loader, draft size and wording as `curator clean`)."""
+    draft = preprocess.draft_size
+    decoded = read_image(Path(path), draft) if data is None else decode_bytes(Path(path), data, draft)
     if not decoded.info.ok:
         return None, decoded.info.reason or decoded.info.status
-    return square_from_image(decoded.image, side), None
+    return preprocess.square(decoded.image), None
 
 
 class _SquareDataset:
-    def __init__(self, items: Sequence[tuple[str, str]], side: int):
+    def __init__(self, items: Sequence[tuple[str, str]], preprocess: Preprocess):
         self.items = list(items)
-        self.side = side
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.items)
@@ -272,7 +268,7 @@ class _SquareDataset:
             return i, sha, None, row.info.reason or row.info.status
         if hashlib.sha256(data).hexdigest() != sha:
             return i, sha, None, "file changed since `curator clean` (sha256 differs)"
-        pixels, reason = square_pixels(Path(path), self.side, data)
+        pixels, reason = square_pixels(Path(path), self.preprocess, data)
         return i, sha, pixels, reason
 
 
@@ -295,7 +291,7 @@ def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], worker
         progress(len(items) - len(todo))
     if not todo:
         return failures
-    loader = DataLoader(_SquareDataset(todo, cache.side), batch_size=32, num_workers=workers,
+    loader = DataLoader(_SquareDataset(todo, cache.preprocess), batch_size=32, num_workers=workers,
                         collate_fn=lambda batch: batch)
     for batch in loader:
         good = [(sha, pix) for _, sha, pix, _ in batch if pix is not None]
@@ -304,4 +300,5 @@ def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], worker
             cache.append([s for s, _ in good], np.stack([p for _, p in good]))
         if progress:
             progress(len(batch))
+    cache.flush()
     return failures

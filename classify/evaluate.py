@@ -23,7 +23,7 @@ import torch
 
 from classify import checkpoint
 from classify.data import PixelCache, file_items, fill_pixel_cache, folder_images, read_split_table
-from classify.train import Crops, input_size, predict_pixels
+from classify.train import Crops, predict_pixels
 from curator import manifest
 from curator.embed import default_workers
 from curator.errors import UsageError
@@ -264,18 +264,17 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
         y_all = np.array([index[c] for c in frame["label"].to_list()], dtype=np.int64)
 
     t = time.perf_counter()
-    pixels = PixelCache(cache_dir / "pixels", meta["preprocessing"]["resize_side"])
+    pixels = PixelCache(cache_dir / "pixels", loaded.preprocess)
     items = file_items(frame)
     emit("stage", {"name": "decode", "total": len(items)})
     failed = fill_pixel_cache(pixels, items, workers, progress=lambda n: emit("advance", {"n": n}))
     good = np.array([s not in failed for s in frame["sha256"].to_list()], dtype=bool)
-    size = input_size(classifier)
     loader = torch.utils.data.DataLoader(
-        Crops(pixels, pixels.rows([s for s, g in zip(frame["sha256"].to_list(), good) if g]), size, None),
+        Crops(pixels, pixels.rows([s for s, g in zip(frame["sha256"].to_list(), good) if g]), None),
         batch_size=batch_size)
     classifier.to(torch.device(runtime.device))
     emit("stage", {"name": "predict", "total": None})
-    probs, _ = predict_pixels(classifier, loader, runtime, bool(meta["preprocessing"].get("tta")))
+    probs, _ = predict_pixels(classifier, loader, runtime, loaded.tta)
     seconds = time.perf_counter() - t
     threshold = meta.get("threshold") if settings.get("positive") else None
     y = y_all[good]

@@ -37,14 +37,16 @@ class FeatureHead(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Backbone + head. `forward` takes uint8 NCHW pixels (already cropped to the model's input size)."""
+    """Backbone + head. `forward` takes uint8 NCHW pixels made by the backbone's `preprocess` (cropped to its input
+    size) and normalises them with that preprocessing's mean and std."""
 
     def __init__(self, backbone: Backbone, classes: int, dropout: float = 0.2):
         super().__init__()
         self.backbone = backbone
         self.net = backbone.model
         self.head = FeatureHead(backbone.feature_dim, classes, dropout)
-        mean, std = pixel_scale(backbone.data_config["mean"], backbone.data_config["std"])
+        preprocess = backbone.preprocess
+        mean, std = pixel_scale(preprocess.mean, preprocess.std)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 

@@ -1,11 +1,14 @@
 """`classify dir`: classify every file under a folder into one Parquet file, streaming, resumable, fast.
 
-Files are listed lazily (`curator.images.iter_files`) and decoded in worker processes with the same safe loader as
-`curator clean`; the model runs batched in the main process. Rows are flushed every `flush_every` files as numbered
-part files (each written atomically) in `OUT.parts/`, so a run killed at any moment, SIGKILL included, keeps every
-flushed row readable. `resume` skips the files already in the parts and continues; at the end the parts are joined
-into OUT (atomically) and removed. Flushes fall on batch boundaries and a resumed run starts on one, so its batches,
-and therefore its numbers, are the same as an uninterrupted run's.
+Files are listed lazily (`curator.images.iter_files`) and go through the batched data plane (`curator.dataplane`):
+decode workers read each file through the same safe loader as `curator clean` and fill one contiguous uint8 batch
+with the model's preprocessing (`curator.preprocess.Preprocess`, from the backbone's data config; for a trained run,
+the checkpoint's backbone); on CUDA, JPEGs are decoded on the GPU (`curator.gpu_decode`) and batches are copied to
+it while the model runs. Rows are built as Arrow arrays, a batch at a time, and flushed every `flush_every` files as
+numbered part files (each written atomically) in `OUT.parts/`, so a run killed at any moment, SIGKILL included,
+keeps every flushed row readable. `resume` skips the files already in the parts and continues; at the end the parts
+are joined into OUT (atomically) and removed. Flushes fall on batch boundaries and a resumed run starts on one, so
+its batches, and therefore its numbers, are the same as an uninterrupted run's.
 
 `OUT.parts/` is atelier's own folder (an `.atelier` marker, see `curator.ownership`) and records the run's
 fingerprint (folder, model, options that change rows); `resume` refuses parts of another run, and the clean-up
@@ -16,6 +19,10 @@ when OUT lies inside the folder. Every file is read through `curator.images.read
 One row per file: path (relative to the folder, escaped when the name is not UTF-8, see `curator.paths`),
 path_escaped, label, confidence, topk_labels, topk_scores, error, model, and with `embeddings` the feature vector
 (pooled + style statistics). An unreadable file is a row with an `error`.
+
+Defaults by device (`curator.dataplane`): batch 256 and cores - 1 decode workers on CUDA; batch 32 and one worker
+per four cores on a CPU (one on two cores); no worker processes at all for a folder of at most `SMALL_RUN` files (so
+a small folder starts at once).
 """
 
 from __future__ import annotations
@@ -31,51 +38,66 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from curator.atomic import atomic_path
 from curator.backbones import DEFAULT_BACKBONE, load_backbone
-from curator.embed import default_workers, forward_features, pixel_scale, preprocess_for
+from curator.dataplane import (Context, DataPlane, Item, PlaneStats, Ready, chunked, choose_workers,
+                               decode_routed, default_batch_size)
+from curator.embed import forward_features, pixel_scale
 from curator.errors import UsageError
-from curator.images import DEFAULT_MAX_BYTES, ReadPolicy, iter_files, read_image
+from curator.images import DEFAULT_MAX_BYTES, ReadPolicy, iter_files, read_source
 from curator.ownership import MARKER, claim, marker_kind
 from curator.paths import display, relative_text
+from curator.preprocess import Preprocess
 from curator.runtime import Runtime, configure_allocator, select_runtime
 
 Event = Callable[[str, dict], None]
 PARTS_SUFFIX = ".parts"
 FINGERPRINT = "fingerprint.json"  # in OUT.parts: what made the parts, so that --resume never mixes two runs
+FLUSH_FILES = 2048  # rows per part file, rounded down to a multiple of the batch size
 
 
 @dataclass(frozen=True)
 class PredictSettings:
+    """`batch_size`, `workers`, `flush_every` and `gpu_decode` left as None are chosen by device (module docstring);
+    `gpu_decode` True forces the device JPEG path even on a CPU (`decode_batch(device="cpu")`, for tests)."""
+
     model: str | None = None  # a `classify train` run folder; None: the backbone's ImageNet-1k classes
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     top_k: int = 5
-    batch_size: int = 64
+    batch_size: int | None = None
     workers: int | None = None
     device: str = "auto"
     dtype: str = "auto"
     embeddings: bool = False
     resume: bool = False
     compile: bool = False
-    flush_every: int = 2048
+    flush_every: int | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     follow_symlinks: bool = False
+    gpu_decode: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.top_k < 1 or self.batch_size < 1:
+        if self.top_k < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise UsageError(f"--top-k and --batch-size must be at least 1, got {self.top_k} and {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
         ReadPolicy(max_bytes=self.max_bytes)  # raises the one-line error for --max-bytes below 1
-        if self.flush_every % self.batch_size:
-            raise UsageError(f"flush_every ({self.flush_every}) must be a multiple of the batch size "
+        if self.flush_every is not None and (self.flush_every < 1 or self.flush_every % (self.batch_size or 1)):
+            raise UsageError(f"flush_every ({self.flush_every}) must be a positive multiple of the batch size "
                              f"({self.batch_size})")
+
+    def resolved(self, device: str) -> tuple[int, int]:
+        """(batch size, flush_every) on `device`: the settings', or the device's defaults."""
+        batch = self.batch_size or default_batch_size(device)
+        flush = self.flush_every or batch * max(1, FLUSH_FILES // batch)
+        if flush % batch:
+            raise UsageError(f"flush_every ({flush}) must be a multiple of the batch size ({batch})")
+        return batch, flush
 
 
 @dataclass
@@ -88,30 +110,44 @@ class PredictResult:
     seconds: float
     runtime: Runtime
     model: str
+    batch_size: int = 0
+    workers: int = 0
+    wait_seconds: float = 0.0  # wall time the model spent waiting for decoded batches
+    device_jpegs: int = 0  # JPEGs decoded by `curator.gpu_decode` (the rest on the CPU)
 
     @property
     def images_per_second(self) -> float:
         return self.predicted / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wait_share(self) -> float:
+        """The share of the run's wall time the model waited for data."""
+        return min(1.0, self.wait_seconds / self.seconds) if self.seconds > 0 else 0.0
+
+    @property
+    def bound(self) -> str:
+        """What limited the run: "decoding" when the model waited for data half the time or more, else "model"."""
+        return "decoding" if self.wait_share >= 0.5 else "model"
 
 
 class Predictor:
     """A model with its preprocessing and class names: pixels in, probabilities (and features) out."""
 
     def __init__(self, settings: PredictSettings):
-        from classify import checkpoint
-
         if settings.model:
+            from classify import checkpoint
+
             loaded = checkpoint.load(Path(settings.model))
             self.module = loaded.classifier
             self.backbone = loaded.classifier.backbone
             self.classes = [display(str(c)) for c in loaded.classes]  # Parquet takes no lone surrogates
-            pre = loaded.meta["preprocessing"]
-            self.square_side, self.crop = int(pre["resize_side"]), int(pre["crop"])
-            self.tta = bool(pre.get("tta"))
+            self.tta = bool(loaded.meta["preprocessing"].get("tta"))
             self.threshold = loaded.meta.get("threshold")
             self.name = (f"{display(Path(settings.model).name)} ({loaded.meta['backbone']['name']}, "
                          f"{len(self.classes)} classes)")
-            self.pil_steps = None
+            self.trained = True
+            # the run's own preprocessing (runs from before it was recorded: their bicubic squares)
+            preprocess = getattr(loaded, "preprocess", None)
         else:
             from timm.data import ImageNetInfo
 
@@ -123,16 +159,20 @@ class Predictor:
                 raise UsageError(f"backbone {settings.backbone!r} has {n} outputs, not ImageNet-1k's 1000: pass "
                                  f"--model RUN for a trained classifier")
             self.classes = [info.index_to_description(i) for i in range(n)]
-            self.pil_steps = preprocess_for(self.backbone.data_config).pil_steps
-            self.square_side = self.crop = None
             self.tta = False
             self.threshold = None
             self.name = f"{settings.backbone} ImageNet-1k ({self.backbone.weights_origin})"
-        cfg = self.backbone.data_config
-        self.mean, self.std = pixel_scale(cfg["mean"], cfg["std"])
+            self.trained = False
+            preprocess = None
+        self.preprocess = preprocess or Preprocess.from_data_config(self.backbone.data_config)
+        self.mean, self.std = pixel_scale(self.preprocess.mean, self.preprocess.std)
         # the `embedding` column is pooled + style statistics, as `curator` caches it, whatever else the head reads
         self.embedding_width = max(end for part, (_, end) in self.backbone.feature_layout.items() if part != "gram")
-        self.draft = (self.square_side or max(cfg["input_size"][1:]),) * 2
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The model's input, (3, crop, crop)."""
+        return (3, self.preprocess.crop, self.preprocess.crop)
 
     def to(self, device: torch.device) -> Predictor:
         self.module.to(device)
@@ -140,34 +180,53 @@ class Predictor:
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
 
-    def prepare(self, image) -> np.ndarray:
-        """PIL image to uint8 CHW, in a worker process: the model's eval transform."""
-        if self.pil_steps is not None:
-            arr = np.asarray(self.pil_steps(image), dtype=np.uint8)
-        else:
-            from classify.data import square_from_image
-
-            square = square_from_image(image, self.square_side)
-            off = (self.square_side - self.crop) // 2
-            arr = square[off:off + self.crop, off:off + self.crop]
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-    def __call__(self, pixels: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities and features for a uint8 batch."""
+    def __call__(self, pixels: torch.Tensor, runtime: Runtime,
+                 features: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probabilities and (with `features`) the embedding for a uint8 batch on the model's device. Without
+        `features`, an ImageNet backbone runs its plain forward pass, which skips the style statistics (11% faster
+        on the CPU); a trained head reads them, so it always computes them."""
         device = torch.device(runtime.device)
         with torch.inference_mode(), torch.autocast(device.type, dtype=runtime.torch_dtype,
                                                     enabled=runtime.autocast):
-            if self.pil_steps is None:
+            if self.trained:
                 feats = self.module.features(pixels)
                 probs = torch.softmax(self.module.head(feats).float(), 1)
                 if self.tta:
                     probs = (probs + torch.softmax(self.module(pixels.flip(3)).float(), 1)) / 2
             else:
                 x = ((pixels.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+                if not features:
+                    return torch.softmax(self.module(x).float(), 1), None
                 feats = forward_features(self.backbone, x)
                 pooled = feats[:, : self.backbone.feature_layout["pooled"][1]]
                 probs = torch.softmax(self.module.get_classifier()(pooled.to(x.dtype)).float(), 1)
-        return probs, feats[:, :self.embedding_width].float()
+        return probs, feats[:, :self.embedding_width].float() if features else None
+
+
+@dataclass(frozen=True)
+class _DirWork:
+    """One file of the folder to `Item(((path text, escaped), error), pixels or JPEG bytes)`: read through the
+    policy (regular files, size cap, no outside links), judged and decoded by the safe loader, preprocessed; or the
+    reason it cannot be."""
+
+    root: Path
+    policy: ReadPolicy
+    preprocess: Preprocess
+
+    def __call__(self, path: Path, ctx: Context) -> Item:
+        rel = relative_text(path, self.root)
+        data, row = read_source(path, self.policy)
+        if row is not None:
+            return Item((rel, row.info.reason or row.info.status))
+        decoded = decode_routed(path, data, self.preprocess, ctx)
+        if decoded is None:
+            return Item((rel, None), jpeg=data)
+        if not decoded.info.ok:
+            return Item((rel, decoded.info.reason or decoded.info.status))
+        try:
+            return Item((rel, None), self.preprocess.pixels(decoded.image))
+        except (OSError, ValueError) as exc:
+            return Item((rel, f"cannot preprocess: {exc}"))
 
 
 def parts_folder(out: Path) -> Path:
@@ -197,47 +256,18 @@ class _Inputs:
                 yield path
 
 
-class _Batches(torch.utils.data.IterableDataset):
-    """Batches of ((path text, escaped), error, uint8 CHW or None) over the files not done yet; worker k of W decodes
-    batches k, k+W, ..., which the DataLoader hands back in order."""
+@dataclass(frozen=True)
+class _Chunks:
+    """The files not done yet, in batches: what each decode worker lists (the same sequence every time)."""
 
-    def __init__(self, inputs: _Inputs, done: set[tuple[str, bool]], batch_size: int, predictor: Predictor,
-                 policy: ReadPolicy):
-        self.inputs = inputs
-        self.done = done
-        self.batch_size = batch_size
-        self.predictor = predictor
-        self.policy = policy
+    inputs: _Inputs
+    done: frozenset[tuple[str, bool]]
+    batch_size: int
 
-    def _paths(self) -> Iterator[list[Path]]:
-        batch: list[Path] = []
-        for path in self.inputs:
-            if relative_text(path, self.inputs.root) in self.done:
-                continue
-            batch.append(path)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for i, paths in enumerate(self._paths()):
-            if i % workers == worker:
-                yield [self._decode(p) for p in paths]
-
-    def _decode(self, path: Path) -> tuple[tuple[str, bool], str | None, np.ndarray | None]:
-        """Read through the policy (regular files, size cap, no outside links) and preprocess, or say why not."""
-        rel = relative_text(path, self.inputs.root)
-        decoded = read_image(path, self.predictor.draft, self.policy)
-        if not decoded.info.ok:
-            return rel, decoded.info.reason or decoded.info.status, None
-        try:
-            return rel, None, self.predictor.prepare(decoded.image)
-        except (OSError, ValueError) as exc:
-            return rel, f"cannot preprocess: {exc}", None
+    def __call__(self) -> Iterator[list[Path]]:
+        root = self.inputs.root
+        todo = (p for p in self.inputs if not self.done or relative_text(p, root) not in self.done)
+        return chunked(todo, self.batch_size)
 
 
 def _schema(embeddings: bool) -> pa.Schema:
@@ -411,45 +441,98 @@ def _remove_parts(parts: Path) -> None:
         pass  # the user put files of their own there: they stay, and so does the folder
 
 
-def _predict_rows(batch: list, predictor: Predictor, runtime: Runtime, k: int, embeddings: bool) -> list[dict]:
-    """One output row per decoded file of `batch`, the model run once on the good ones."""
-    good = [(i, arr) for i, (_, err, arr) in enumerate(batch) if err is None]
-    results: dict[int, tuple] = {}
-    if good:
-        device = torch.device(runtime.device)
-        pixels = torch.from_numpy(np.stack([a for _, a in good])).to(device, non_blocking=True)
-        probs, feats = predictor(pixels, runtime)
-        if predictor.threshold is not None:  # one-vs-rest: the label follows the model's decision threshold
-            top1 = (probs[:, 1] >= predictor.threshold).long()
-        else:
-            top1 = probs.argmax(1)
-        scores, idx = probs.topk(k, dim=1)
-        probs_np, scores_np, idx_np = probs.cpu().numpy(), scores.cpu().numpy(), idx.cpu().numpy()
-        top1_np, feats_np = top1.cpu().numpy(), feats.cpu().numpy()
-        for j, (i, _) in enumerate(good):
-            results[i] = (int(top1_np[j]), float(probs_np[j, top1_np[j]]), idx_np[j], scores_np[j], feats_np[j])
-    rows = []
-    for i, ((text, escaped), err, _) in enumerate(batch):
-        row = {"path": text, "path_escaped": escaped, "label": None, "confidence": None, "topk_labels": None,
-               "topk_scores": None, "error": err, "model": predictor.name}
-        if embeddings:
-            row["embedding"] = None
-        if i in results:
-            top, conf, idx, sc, feat = results[i]
-            row.update(label=predictor.classes[top], confidence=conf,
-                       topk_labels=[predictor.classes[c] for c in idx], topk_scores=sc.tolist())
-            if embeddings:
-                row["embedding"] = feat.tolist()
-        rows.append(row)
-    return rows
+@dataclass
+class _Outputs:
+    """One batch's model outputs on their way to the CPU (`event` marks the end of the copies on CUDA)."""
+
+    meta: list
+    positions: np.ndarray
+    tensors: list[torch.Tensor]  # top-1 index, its probability, top-k indices, top-k scores[, features]
+    event: object = None
+
+    def numpy(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.numpy() for t in self.tensors]
 
 
-def _loader(batches: _Batches, settings: PredictSettings, runtime: Runtime) -> torch.utils.data.DataLoader:
-    """Decoded batches in order, from `settings.workers` processes (default: cores - 1)."""
-    workers = default_workers() if settings.workers is None else settings.workers
-    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
-                                       prefetch_factor=4 if workers else None,
-                                       pin_memory=runtime.device.startswith("cuda"))
+def _launch(predictor: Predictor, ready: Ready, runtime: Runtime, k: int, embeddings: bool) -> _Outputs:
+    """Run the model on a ready batch and start copying what the rows need to the CPU (asynchronously on CUDA, so
+    that the next batch is launched before this one's rows are built)."""
+    if len(ready.pixels) == 0:
+        return _Outputs(ready.meta, ready.positions, [])
+    probs, feats = predictor(ready.pixels, runtime, features=embeddings)
+    if predictor.threshold is not None:  # one-vs-rest: the label follows the model's decision threshold
+        top1 = (probs[:, 1] >= predictor.threshold).long()
+    else:
+        top1 = probs.argmax(1)
+    scores, idx = probs.topk(k, dim=1)
+    tensors = [top1.int(), probs.gather(1, top1[:, None])[:, 0], idx.int(), scores, *([feats] if embeddings else [])]
+    if ready.pixels.device.type != "cuda":
+        return _Outputs(ready.meta, ready.positions, tensors)
+    host = [t.to("cpu", non_blocking=True) for t in tensors]
+    event = torch.cuda.Event()
+    event.record()
+    return _Outputs(ready.meta, ready.positions, host, event)
+
+
+class _RowBuilder:
+    """Arrow record batches from model outputs, a batch at a time: labels are indices into a class-name dictionary
+    array, top-k lists and embeddings fixed-size lists over flat numpy arrays (stored as the schema's lists), the
+    model name a one-entry dictionary; only the path text and error are Python objects per row."""
+
+    def __init__(self, classes: list[str], model: str, k: int, embeddings: bool, width: int):
+        self.classes = pa.array(classes, pa.string())
+        self.model = pa.array([model], pa.string())
+        self.k = k
+        self.embeddings = embeddings
+        self.width = width
+        self.schema = _schema(embeddings)
+
+    def _fixed(self, values: pa.Array, size: int, missing: np.ndarray, type_: pa.DataType) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(values, size, mask=pa.array(missing)).cast(type_)
+
+    def __call__(self, out: _Outputs) -> pa.RecordBatch:
+        n = len(out.meta)
+        missing = np.ones(n, dtype=bool)
+        missing[out.positions] = False
+        top1 = np.zeros(n, dtype=np.int32)
+        conf = np.zeros(n, dtype=np.float32)
+        idx = np.zeros((n, self.k), dtype=np.int32)
+        scores = np.zeros((n, self.k), dtype=np.float32)
+        feats = np.zeros((n, self.width), dtype=np.float32) if self.embeddings else None
+        if len(out.positions):
+            arrays = out.numpy()
+            top1[out.positions], conf[out.positions] = arrays[0], arrays[1]
+            idx[out.positions], scores[out.positions] = arrays[2], arrays[3]
+            if self.embeddings:
+                feats[out.positions] = arrays[4]
+        columns = [
+            pa.array([text for (text, _), _ in out.meta], pa.string()),
+            pa.array([escaped for (_, escaped), _ in out.meta], pa.bool_()),
+            self.classes.take(pa.array(top1, mask=missing)),
+            pa.array(conf, pa.float32(), mask=missing),
+            self._fixed(self.classes.take(pa.array(idx.ravel())), self.k, missing, pa.list_(pa.string())),
+            self._fixed(pa.array(scores.ravel()), self.k, missing, pa.list_(pa.float32())),
+            pa.array([error for _, error in out.meta], pa.string()),
+            pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), self.model).cast(pa.string()),
+        ]
+        if self.embeddings:
+            columns.append(self._fixed(pa.array(feats.ravel()), self.width, missing, pa.list_(pa.float32())))
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
+
+
+def _device_jpegs(setting: bool | None, runtime: Runtime) -> bool:
+    """Whether JPEGs go to `curator.gpu_decode`: as asked, or (None) on CUDA when it can be imported."""
+    if setting is False or (setting is None and runtime.device != "cuda"):
+        return False
+    try:
+        import curator.gpu_decode  # noqa: F401
+    except ImportError as exc:
+        if setting:
+            raise UsageError(f"--gpu-decode is unavailable here ({exc}); leave it to auto") from None
+        return False
+    return True
 
 
 def _load_predictor(settings: PredictSettings, runtime: Runtime, emit: Event) -> Predictor:
@@ -478,17 +561,24 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
                              "already complete")
     configure_allocator()
     runtime = select_runtime(settings.device, settings.dtype)
+    batch_size, flush_every = settings.resolved(runtime.device)
+    device_jpegs = _device_jpegs(settings.gpu_decode, runtime)
     predictor = _load_predictor(settings, runtime, emit)
     _claim_parts(parts, fp)
     schema = _schema(settings.embeddings)
     part_files, done, resumed = _read_parts(parts, schema)
     inputs = _Inputs(root, out, settings.follow_symlinks)
-    emit("stage", {"name": "classify", "total": sum(1 for _ in inputs)})
+    total = sum(1 for _ in inputs)
+    emit("stage", {"name": "classify", "total": total})
     emit("advance", {"n": resumed})
-    loader = _loader(_Batches(inputs, done, settings.batch_size, predictor,
-                              ReadPolicy(root, settings.max_bytes, settings.follow_symlinks)), settings, runtime)
+    workers = choose_workers(settings.workers, runtime.device, total - resumed)
+    policy = ReadPolicy(root, settings.max_bytes, settings.follow_symlinks)
+    plane = DataPlane(_Chunks(inputs, frozenset(done), batch_size), _DirWork(root, policy, predictor.preprocess),
+                      predictor.shape, device=runtime.device, workers=workers, preprocess=predictor.preprocess,
+                      device_jpegs=device_jpegs, cpu_jpeg_share=None if runtime.device == "cuda" else 0.0)
     k = min(settings.top_k, len(predictor.classes))
-    buffer: list[dict] = []
+    rows = _RowBuilder(predictor.classes, predictor.name, k, settings.embeddings, predictor.embedding_width)
+    buffer: list[pa.RecordBatch] = []
     files = errors = predicted = 0
     start = time.perf_counter()
 
@@ -497,29 +587,44 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
         if buffer:
             target = parts / f"part-{len(part_files):06d}.parquet"
             try:
-                _write_atomic_table(pa.Table.from_pylist(buffer, schema=schema), target)
+                _write_atomic_table(pa.Table.from_batches(buffer, schema=schema), target)
             except OSError as exc:
                 raise _write_error(target, exc) from None
             part_files.append(target)
             buffer = []
 
-    for batch in loader:
-        rows = _predict_rows(batch, predictor, runtime, k, settings.embeddings)
-        predicted += sum(row["label"] is not None for row in rows)
-        errors += sum(row["error"] is not None for row in rows)
-        buffer.extend(rows)
-        files += len(batch)
-        emit("advance", {"n": len(batch)})
-        if (resumed + files) % settings.flush_every == 0:
+    def finish(outputs: _Outputs) -> None:
+        nonlocal files, errors, predicted
+        batch = rows(outputs)
+        predicted += len(outputs.positions)
+        errors += batch.num_rows - batch.column("error").null_count
+        files += batch.num_rows
+        buffer.append(batch)
+        emit("advance", {"n": batch.num_rows})
+        if (resumed + files) % flush_every == 0:
             flush()
+
+    pending: _Outputs | None = None
+    for ready in plane:
+        launched = _launch(predictor, ready, runtime, k, settings.embeddings)
+        if pending is not None:
+            finish(pending)
+        pending = launched
+    if pending is not None:
+        finish(pending)
     flush()
     seconds = time.perf_counter() - start
     meta = {"root": _show(root.resolve()), "model": predictor.name, "classes": len(predictor.classes),
             "runtime": {"device": runtime.device, "dtype": runtime.dtype}, "top_k": k, "fingerprint": fp}
     _join_parts(part_files, out, schema, meta)
     _remove_parts(parts)
-    return PredictResult(out, resumed + files, errors, predicted, resumed, seconds, runtime, predictor.name)
+    stats: PlaneStats = plane.stats
+    return PredictResult(out, resumed + files, errors, predicted, resumed, seconds, runtime, predictor.name,
+                         batch_size, workers, stats.wait_seconds, stats.device_jpegs)
 
 
-def read_predictions(path: Path) -> pl.DataFrame:
+def read_predictions(path: Path):
+    """The predictions file as a polars DataFrame."""
+    import polars as pl
+
     return pl.read_parquet(path)

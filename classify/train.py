@@ -166,12 +166,15 @@ def choose_threshold(scores: np.ndarray, positive: np.ndarray, min_precision: fl
 
 
 class Crops:
-    """Pixel-cache rows to uint8 CHW crops: random augmented crops for training, the centre crop otherwise."""
+    """Pixel-cache rows to uint8 CHW crops of side `preprocess.crop`: random augmented crops for training (with
+    `settings`), otherwise the model's centre crop (`Preprocess.crop_square`), which gives exactly the pixels
+    `curator clean` and `classify dir` feed the model."""
 
-    def __init__(self, cache: PixelCache, rows: np.ndarray, size: int, settings: TrainSettings | None):
+    def __init__(self, cache: PixelCache, rows: np.ndarray, settings: TrainSettings | None):
         self.cache = cache
         self.rows = rows
-        self.size = size
+        self.preprocess = cache.preprocess
+        self.size = cache.preprocess.crop
         self.settings = settings
         self._augment = None
 
@@ -191,10 +194,10 @@ class Crops:
         ])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        pix = torch.from_numpy(np.array(self.cache.pixels(int(self.rows[i])))).permute(2, 0, 1)
+        square = self.cache.pixels(int(self.rows[i]))
         if self.settings is None:
-            off = (pix.shape[1] - self.size) // 2
-            return pix[:, off:off + self.size, off:off + self.size].contiguous(), i
+            return torch.from_numpy(self.preprocess.crop_square(square)), i
+        pix = torch.from_numpy(np.array(square)).permute(2, 0, 1)
         if self._augment is None:
             self._augment = self._build()
         return self._augment(pix).contiguous(), i
@@ -286,23 +289,13 @@ def _features_for(table_frame: pl.DataFrame, emb: EmbeddingCache, classifier: Cl
     shas = table_frame["sha256"].to_list()
     missing = sorted({s for s in shas if s not in emb})
     if missing:
-        loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(missing), input_size(classifier), None),
-                                             batch_size=batch_size)
+        loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(missing), None), batch_size=batch_size)
         _, feats = predict_pixels(classifier, loader, runtime, tta=False)
         emb.append(missing, feats)
     if unusable := emb.missing(shas):
         raise UsageError(f"the backbone gave non-finite features (NaN or inf) for {len(unusable)} images (e.g. sha256 "
                          f"{unusable[0][:12]}); check --weights and --dtype")
     return emb.get(shas)
-
-
-def input_size(classifier: Classifier) -> int:
-    return int(classifier.backbone.data_config["input_size"][-1])
-
-
-def _resize_side(classifier: Classifier) -> int:
-    config = classifier.backbone.data_config
-    return int(math.floor(config["input_size"][-1] / config.get("crop_pct", 0.875)))
 
 
 def _encode(frame: pl.DataFrame, classes: list[str], settings: TrainSettings) -> np.ndarray:
@@ -363,7 +356,8 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
 
     # pixels, decoded once into the workspace's pixel cache
     t = time.perf_counter()
-    pixels = PixelCache(table.workspace / "cache" / "pixels", _resize_side(classifier))
+    preprocess = backbone.preprocess
+    pixels = PixelCache(table.workspace / "cache" / "pixels", preprocess)
     items = file_items(table.frame)
     emit("stage", {"name": "decode", "total": len(items)})
     failed = fill_pixel_cache(pixels, items, workers, progress=lambda n: emit("advance", {"n": n}))
@@ -432,8 +426,7 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
                 "train_accuracy": None, "lr": None, "seconds": round(timings["stage 1 probe"], 2)}]
     emit("epoch", history[-1])
 
-    size = input_size(classifier)
-    val_loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(val_rows["sha256"].to_list()), size, None),
+    val_loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(val_rows["sha256"].to_list()), None),
                                              batch_size=64, num_workers=0)
     meta = {
         "backbone": {"name": backbone.name, "key": backbone.key, "weights_origin": backbone.weights_origin,
@@ -441,9 +434,7 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
         "feature": ("pooled + style statistics" + (" + Gram matrices" if "gram" in backbone.feature_layout else "")
                     + " (curator.embed.forward_features), standardised"),
         "classes": classes,
-        "preprocessing": {"resize_side": pixels.side, "crop": size, "mean": list(backbone.data_config["mean"]),
-                          "std": list(backbone.data_config["std"]), "interpolation": "bicubic",
-                          "tta": "horizontal flip" if settings.tta else None},
+        "preprocessing": checkpoint.preprocessing_meta(preprocess, "horizontal flip" if settings.tta else None),
         "settings": {**asdict(settings), "probe_l2": list(settings.probe_l2)},
         "splits": {"path": str(table.splits_path), "sha256": table.splits_sha256,
                    "counts": {s: len(table.rows(s)) for s in ("train", "val", "test")}},
@@ -471,12 +462,11 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
              "weight_decay": settings.weight_decay},
         ]
         if target_frame is not None:
-            target = _TargetStream(settings, target_frame, pixels, size, workers, generator, backbone.feature_dim,
-                                   device)
+            target = _TargetStream(settings, target_frame, pixels, workers, generator, backbone.feature_dim, device)
             groups.append({"params": list(target.domain.parameters()), "lr": settings.lr * settings.head_lr_scale,
                            "weight_decay": settings.weight_decay})
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
-        train_ds = Crops(pixels, pixels.rows(train_rows["sha256"].to_list()), size, settings)
+        train_ds = Crops(pixels, pixels.rows(train_rows["sha256"].to_list()), settings)
         if settings.balance == "sampler":
             sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(sample_w).double(), len(train_ds),
                                                              generator=generator)
@@ -558,13 +548,12 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
 
     if target_info is not None and target_info["labeled"]:
         labeled = target_frame.filter(pl.col("label").is_not_null())
-        target_info["with_adaptation"] = _domain_scores(classifier, labeled, classes, pixels, size, runtime, settings)
+        target_info["with_adaptation"] = _domain_scores(classifier, labeled, classes, pixels, runtime, settings)
         # the same training without the domain loss, same seed, for the comparison the option exists to make
         emit("note", {"text": "training the same model without adaptation, for comparison on the target"})
         baseline = train(splits, run_dir / "no-adaptation", replace(settings, target_dir=None), events, table)
         base_model = checkpoint.load(baseline.run_dir).classifier.to(device)
-        target_info["without_adaptation"] = _domain_scores(base_model, labeled, classes, pixels, size, runtime,
-                                                           settings)
+        target_info["without_adaptation"] = _domain_scores(base_model, labeled, classes, pixels, runtime, settings)
         target_info["without_adaptation_run"] = str(baseline.run_dir)
     if target_info is not None:
         target_info["final_domain_accuracy"] = (round(float(np.mean(target.domain_accuracy[-20:])), 4)
@@ -592,12 +581,11 @@ def train(splits: Path, run_dir: Path, settings: TrainSettings | None = None, ev
                        target_info, warnings)
 
 
-def _domain_scores(classifier: Classifier, frame: pl.DataFrame, classes: list[str], pixels: PixelCache, size: int,
+def _domain_scores(classifier: Classifier, frame: pl.DataFrame, classes: list[str], pixels: PixelCache,
                    runtime: Runtime, settings: TrainSettings) -> dict:
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[c] for c in frame["label"].to_list()])
-    loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(frame["sha256"].to_list()), size, None),
-                                         batch_size=64)
+    loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(frame["sha256"].to_list()), None), batch_size=64)
     classifier.eval()
     probs, _ = predict_pixels(classifier, loader, runtime, settings.tta)
     pred = probs.argmax(1)
@@ -636,10 +624,10 @@ def target_items(target_dir: Path, classes: list[str]) -> tuple[pl.DataFrame, di
 class _TargetStream:
     """Unlabeled target-domain batches and a domain classifier behind a gradient-reversal layer (DANN)."""
 
-    def __init__(self, settings: TrainSettings, frame: pl.DataFrame, pixels: PixelCache, size: int, workers: int,
+    def __init__(self, settings: TrainSettings, frame: pl.DataFrame, pixels: PixelCache, workers: int,
                  generator: torch.Generator, feature_dim: int, device: torch.device):
         self.frame = frame
-        ds = Crops(pixels, pixels.rows(frame["sha256"].to_list()), size, settings)
+        ds = Crops(pixels, pixels.rows(frame["sha256"].to_list()), settings)
         self.loader = torch.utils.data.DataLoader(
             ds, batch_size=settings.batch_size, shuffle=True, drop_last=len(ds) > settings.batch_size,
             num_workers=min(workers, 1), worker_init_fn=_seed_worker, generator=generator,

@@ -7,7 +7,8 @@ architecture, whose convolutions pad the way TensorFlow did when these weights w
 (mean 0.5, std 0.5, as the TF release's 127/128) matches them; the checkpoint puts skimage's espresso photo in class
 967 (p=0.95) and the cat photo in the domestic-cat classes (Egyptian cat 285 within the top two).
 
-Preprocessing always comes from the model (`timm.data.resolve_model_data_config`), never typed twice.
+Preprocessing always comes from the model (`timm.data.resolve_model_data_config`), never typed twice: a backbone's
+`preprocess` (`curator.preprocess.Preprocess`) is built from that config, and its `key` names it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from urllib.parse import urlparse
 
 from curator.errors import UsageError
 from curator.hashing import file_sha256
+from curator.preprocess import Preprocess
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Training's default: Lite2's probe beat Lite0's by 8 points of artist-disjoint test accuracy on wikiart-dev
@@ -81,15 +83,24 @@ class Backbone:
         return max(end for _, end in self.feature_layout.values())
 
     @property
+    def preprocess(self) -> Preprocess:
+        """The model's eval preprocessing (`curator.preprocess`), which every stage uses to make its pixels."""
+        return Preprocess.from_data_config(self.data_config)
+
+    @property
     def key(self) -> str:
-        """Identifies (architecture, weights, preprocessing, features): cached embeddings are valid only for one key."""
+        """Identifies (architecture, weights, preprocessing, features): cached embeddings are valid only for one key.
+
+        The preprocessing enters as `Preprocess.key()` (every parameter that changes the pixels, and the version of
+        the geometry), so embeddings made by an earlier preprocessing path are never read as this one's."""
         blob = json.dumps(
             {
                 "name": self.name,
                 "weights": self.weights_origin,
                 "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
+                "preprocess": self.preprocess.key(),
                 "features": self.feature_layout,
-                "version": 1,
+                "version": 2,
             },
             sort_keys=True,
         )
@@ -191,8 +202,11 @@ def gram_indices(model) -> list[int]:
 
 def feature_layout_of(model, gram: bool = False) -> dict[str, tuple[int, int]]:
     """Where each named part of the feature vector lies: `pooled`, `stats` and, with `gram`, the upper triangles of
-    the centred channel Gram matrices of `gram_indices` (second-order style statistics, as in Gatys et al.)."""
-    pooled = int(model.num_features)
+    the centred channel Gram matrices of `gram_indices` (second-order style statistics, as in Gatys et al.).
+
+    `pooled` is as wide as what `forward_head(..., pre_logits=True)` returns: the head's hidden width where the model
+    has one after pooling (e.g. LCNet's and FBNetV3's conv_head), else `num_features`."""
+    pooled = int(getattr(model, "head_hidden_size", None) or model.num_features)
     layout = {"pooled": (0, pooled)}
     indices = stats_indices(model)
     end = pooled

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import polars as pl
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,10 +20,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from curator.duplicates import DuplicateSettings
 from curator.errors import AtelierError, UsageError
-from curator.images import DEFAULT_MAX_BYTES
-from curator.mislabels import MislabelSettings
+from curator.settings import DEFAULT_MAX_BYTES, DuplicateSettings, MislabelSettings
 
 app = typer.Typer(
     name="curator",
@@ -96,9 +93,11 @@ def clean(
     dtype: Annotated[str, typer.Option(
         help="auto (fp32 on CPU, fp16 autocast on CUDA), fp32, bf16 (CUDA, or a CPU with native bf16) or fp16 "
              "(CUDA).")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model batch.")] = 32,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Images per model batch (default: 256 on CUDA, 32 on CPU).")] = None,
     workers: Annotated[int | None, typer.Option(
-        min=0, help="Decode worker processes (default: cores - 1, at least 1).")] = None,
+        min=0, help="Decode worker processes (default: cores - 1 on CUDA, 1 on CPU, none for at most 64 "
+                    "files).")] = None,
     conflicts: Annotated[str, typer.Option(
         help="Duplicate clusters whose members carry different labels: drop (keep none), majority (keep the "
              "majority label's best copy) or keep (ignore labels).")] = "drop",
@@ -150,6 +149,10 @@ def clean(
     if flag_only and relabel:
         raise fail(UsageError("--flag-only and --relabel exclude each other; choose one"))
     mislabels = MislabelSettings(action="flag-only" if flag_only else "relabel" if relabel else "remove")
+    if batch_size is None:
+        from curator.dataplane import default_batch_size
+
+        batch_size = default_batch_size(device)
     settings = CleanSettings(root=root, workspace=out, group_pattern=group_pattern, backbone=backbone,
                              weights=weights, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
                              max_bytes=max_bytes, follow_symlinks=follow_symlinks, duplicates=duplicates,
@@ -220,6 +223,8 @@ def split(
 
 
 def print_clean_summary(result) -> None:
+    import polars as pl
+
     df = result.manifest
     table = Table(title="curator clean", show_footer=False)
     table.add_column("class")

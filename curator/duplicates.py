@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from curator.hashing import CROP_SCALES, to_bytes
+from curator.hashing import CROP_SCALES
+from curator.settings import DuplicateSettings  # re-exported: defined in the light module the CLI imports
 
 #: Formats ranked for keeping, least lossy first (the keeper rule's second key).
 FORMAT_RANK = {"PNG": 0, "TIFF": 0, "BMP": 0, "PPM": 0, "WEBP": 1, "JPEG": 2, "GIF": 3}
@@ -33,36 +34,6 @@ FLAT_INDEX_LIMIT = 200_000
 
 PAIR_SCHEMA = {"i": pl.Int64, "j": pl.Int64, "stage": pl.String, "phash_distance": pl.Int32,
                "cosine": pl.Float32, "detail": pl.String}
-
-
-@dataclass(frozen=True)
-class DuplicateSettings:
-    """Thresholds of the cascade; written into the workspace's settings.json with the run."""
-
-    phash_radius: int = 8
-    dhash_radius: int = 14
-    crop_radius: int = 8
-    hash_gap_factor: float = 1.2
-    embed_neighbours: int = 8
-    embed_relative: float = 0.5
-    verify_radius: int = 16
-    colour_min: float = 0.6
-    grey_norm: float = 8.0
-    conflicts: str = "drop"
-
-    def __post_init__(self) -> None:
-        if self.conflicts not in ("drop", "majority", "keep"):
-            raise ValueError(f"conflicts must be drop, majority or keep; got {self.conflicts!r}")
-        for name in ("phash_radius", "dhash_radius", "crop_radius", "verify_radius"):
-            value = getattr(self, name)
-            if not 0 <= value <= 64:
-                raise ValueError(f"{name} must be between 0 and 64 bits; got {value!r}")
-        if not 0 < self.embed_relative < 1:
-            raise ValueError(f"embed_relative must be in (0, 1); got {self.embed_relative!r}")
-        if not self.hash_gap_factor > 0:
-            raise ValueError(f"hash_gap_factor must be positive; got {self.hash_gap_factor!r}")
-        if not -1 <= self.colour_min <= 1:
-            raise ValueError(f"colour_min must be a cosine in [-1, 1]; got {self.colour_min!r}")
 
 
 def _pairs_frame(i, j, stage: str, phash_distance=None, cosine=None, detail: str | None = None) -> pl.DataFrame:
@@ -108,19 +79,12 @@ def exact_pairs(keys: list[str | None], stage: str, detail: str) -> pl.DataFrame
 def radius_pairs(queries: np.ndarray, base: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (query, base) index pairs whose 64-bit hashes are within `radius` bits, with their distances.
 
-    Exact: faiss's flat binary index, which compares every pair (on all cores through OpenMP). Measured growth in
-    bench/dedup_scale.py.
+    Exact and sub-quadratic: multi-index hashing (`curator.hamming_search`), with faiss's flat index for small bases
+    and very large radii. Ordered by query, then base index. Measured in bench/dedup_scale.py.
     """
-    import faiss
+    from curator.hamming_search import radius_search
 
-    if len(queries) == 0 or len(base) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
-    index = faiss.IndexBinaryFlat(64)
-    index.add(to_bytes(base))
-    # faiss's binary range search keeps distances strictly below the radius
-    lims, dist, ids = index.range_search(to_bytes(queries), radius + 1)
-    q = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(lims).astype(np.int64))
-    return q, ids.astype(np.int64), dist.astype(np.int32)
+    return radius_search(queries, base, radius)
 
 
 def phash_pairs(phash: np.ndarray, dhash: np.ndarray, crop: np.ndarray, settings: DuplicateSettings) -> pl.DataFrame:

@@ -1,8 +1,9 @@
 """One embedding pass over a folder, cached by file content so that reruns compute only what is new.
 
-Decoding (and the integrity check that comes with it) runs in DataLoader worker processes; the model runs batched
-in the main process, channels_last under `torch.inference_mode`. Each computed batch is appended to the cache at once,
-so an interrupted run loses at most the batch in flight.
+Decoding (and the integrity check, hashes and fingerprints that come with it) runs on the batched data plane
+(`curator.dataplane`, the one `classify dir` uses) with the model's own preprocessing (`curator.preprocess`); the
+model runs batched in the main process, channels_last under `torch.inference_mode`. Each computed batch is appended
+to the cache at once, so an interrupted run loses at most the batch in flight.
 
 The feature of an image is the concatenation of named parts (see `Backbone.feature_layout`):
 - `pooled`: the backbone's final globally pooled vector (1280 wide for lite0);
@@ -19,23 +20,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from curator import preprocess as preprocessing
 from curator.atomic import atomic_path
 from curator.backbones import Backbone, gram_indices, stats_indices
 from curator.errors import UsageError
 from curator.hashing import Fingerprint, fingerprint
 from curator.images import FileInfo, ReadPolicy, decode_bytes, read_source
 from curator.runtime import Runtime
+from curator.store import RecordStore, set_aside, whole_records  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from curator.dataplane import Item
 
 EMBEDDING_PARTS = ("pooled", "stats")
+#: The CPU batch; `embed_files` picks it by device (`curator.dataplane.BATCH_SIZE`) when given None.
 DEFAULT_BATCH_SIZE = 32
 
 ProgressFn = Callable[[int], None]
@@ -79,27 +87,6 @@ def pixel_scale(mean: Sequence[float], std: Sequence[float],
         return torch.tensor(list(values), device=device).view(1, 3, 1, 1) * 255.0
 
     return as_tensor(mean), as_tensor(std)
-
-
-def whole_records(path: Path, itemsize: int, truncate: bool = True) -> int:
-    """How many whole fixed-size records an append-only file holds. A torn last record (a run killed mid-write) is
-    cut off when `truncate` (writers, so that appending resumes cleanly); readers leave the file as it is."""
-    size = Path(path).stat().st_size
-    whole = size // itemsize
-    if truncate and whole * itemsize != size:
-        os.truncate(path, whole * itemsize)
-    return whole
-
-
-def set_aside(path: Path) -> Path:
-    """Rename a damaged cache file (atelier's own) to the first free `NAME.unusable-N` beside it and return that
-    path: nothing is deleted or overwritten, and the user can inspect or remove it."""
-    path = Path(path)
-    n = 1
-    while (target := path.with_name(f"{path.name}.unusable-{n}")).exists() or target.is_symlink():
-        n += 1
-    os.rename(path, target)
-    return target
 
 
 def parse_layout(raw, dim: int) -> dict[str, tuple[int, int]] | None:
@@ -154,7 +141,10 @@ def meta_mismatch(meta: dict, key: str, dim: int, layout: dict[str, tuple[int, i
 
 class EmbeddingCache:
     """Append-only store of (sha256 of file bytes, float16 feature) records for one backbone key, with a `KEY.json`
-    metadata file (key, width, layout, record size).
+    metadata file (key, width, layout, record size). The records live in a `curator.store.RecordStore` (`KEY.emb`):
+    appending costs O(batch), and `get` reads the rows asked for from a memory map, never the whole matrix. Appends
+    are written at once and fsynced every 64 MB and on `flush`/`close`, so an interrupted run loses at most the
+    batch in flight (a machine crash: what was appended since the last fsync; see `curator.store`).
 
     Verified, not trusted, on open:
     - metadata that disagrees with the backbone (width, layout, key, record size; unreadable; or a record file with
@@ -177,12 +167,15 @@ class EmbeddingCache:
         self.layout = dict(layout or {})
         self.record = np.dtype([("sha", "u1", (32,)), ("vec", "<f2", (dim,))])
         self.warnings: list[str] = []
-        self._index: dict[bytes, int] = {}
-        self._vectors = np.zeros((0, dim), dtype=np.float16)
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._verify_meta()
-        self._load()
+        self._store = RecordStore(self.path, self.record, writable=writable, keep=_finite_records)
+        if self._store.dropped:
+            action = ("dropped; they will be computed again" if writable
+                      else "ignored; run `curator clean` again to recompute them")
+            self.warnings.append(f"embedding cache {self.key}: {self._store.dropped} of {self._store.scanned} cached "
+                                 f"vectors held NaN or infinite values and were {action}")
 
     def _verify_meta(self) -> None:
         """Set aside a cache whose metadata is missing, unreadable or disagrees with this backbone; write fresh
@@ -202,72 +195,66 @@ class EmbeddingCache:
             with atomic_path(self.meta_path) as tmp:
                 tmp.write_text(json.dumps(meta, indent=2))
 
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        whole = whole_records(self.path, self.record.itemsize, truncate=self.writable)
-        records = np.fromfile(self.path, dtype=self.record, count=whole)
-        finite = np.isfinite(records["vec"]).all(axis=1)
-        if not finite.all():
-            bad = int((~finite).sum())
-            records = records[finite]
-            if self.writable:
-                with atomic_path(self.path, fsync=True) as tmp:
-                    records.tofile(tmp)
-                action = "dropped; they will be computed again"
-            else:
-                action = "ignored; run `curator clean` again to recompute them"
-            self.warnings.append(f"embedding cache {self.key}: {bad} of {whole} cached vectors held NaN or infinite "
-                                 f"values and were {action}")
-        self._vectors = records["vec"]
-        self._index = {sha.tobytes(): i for i, sha in enumerate(records["sha"])}
-
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._store)
 
     def __contains__(self, sha: str) -> bool:
-        return bytes.fromhex(sha) in self._index
+        return sha in self._store
 
     def shas(self) -> set[str]:
         """The sha256 of every file with a usable (finite) cached vector."""
-        return {sha.hex() for sha in self._index}
+        return self._store.shas()
 
     def append(self, shas: Sequence[str], vectors: np.ndarray) -> None:
-        """Persist a batch (flushed and synced before returning). Vectors with a NaN or infinite value (after the
-        float16 cast) are not stored, with a warning: their shas stay uncached and `get` refuses them."""
+        """Persist a batch in O(batch) (written before returning; fsynced every 64 MB and on `flush`). Vectors with
+        a NaN or infinite value (after the float16 cast) are not stored, with a warning: their shas stay uncached and
+        `get` refuses them."""
         if not self.writable:
             raise PermissionError(f"embedding cache {self.key} was opened read-only")
         records = np.empty(len(shas), dtype=self.record)
         records["sha"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
         records["vec"] = vectors.astype(np.float16)
-        finite = np.isfinite(records["vec"]).all(axis=1)
+        finite = _finite_records(records)
         if not finite.all():
             self.warnings.append(f"embedding cache {self.key}: the model gave NaN or infinite features for "
                                  f"{int((~finite).sum())} images; not cached")
             records = records[finite]
-        with open(self.path, "ab") as fh:
-            fh.write(records.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        start = len(self._vectors)
-        self._vectors = np.concatenate([self._vectors, records["vec"]])
-        for i, sha in enumerate(records["sha"]):
-            self._index[sha.tobytes()] = start + i
+        self._store.append(records)
+
+    def flush(self) -> None:
+        """Make every appended vector durable (fsync)."""
+        self._store.flush()
+
+    def close(self) -> None:
+        """fsync and close the file (a later `append` reopens it)."""
+        self._store.close()
 
     def missing(self, shas: Sequence[str]) -> list[str]:
         """Those of `shas` with no usable cached vector, in order."""
-        return [sha for sha in shas if bytes.fromhex(sha) not in self._index]
+        return self._store.missing(shas)
+
+    def rows(self, shas: Sequence[str]) -> np.ndarray:
+        """Record numbers of `shas` in `vectors()`; KeyError naming the first one not cached (or dropped)."""
+        return self._store.rows(shas, "embedding")
+
+    def vectors(self) -> np.ndarray:
+        """Every record's float16 vector, (records, dim), memory-mapped (read-only, not copied): index it with
+        `rows`. Records left out of the index (damaged, or superseded by a later append) are in it too."""
+        return self._store.records["vec"]
 
     def get(self, shas: Sequence[str]) -> np.ndarray:
-        """float32 features for `shas`, in order; raises KeyError naming the first one not cached (or dropped as
-        damaged)."""
-        rows = []
-        for sha in shas:
-            key = bytes.fromhex(sha)
-            if key not in self._index:
-                raise KeyError(f"no cached embedding for sha256 {sha}")
-            rows.append(self._index[key])
-        return self._vectors[np.asarray(rows, dtype=np.int64)].astype(np.float32)
+        """float32 features for `shas`, in order, read from the memory map (only these rows); raises KeyError naming
+        the first one not cached (or dropped as damaged)."""
+        rows = self.rows(shas)
+        if len(rows) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.vectors()[rows].astype(np.float32)
+
+
+def _finite_records(records: np.ndarray) -> np.ndarray:
+    """Per record, whether its vector is all finite (float16 bits: an exponent of all ones is an inf or a NaN;
+    three times faster than `np.isfinite` on float16)."""
+    return ((records["vec"].view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
 
 
 def _cache_dir(workspace: Path) -> Path:
@@ -362,60 +349,46 @@ def gram_part(feat: torch.Tensor) -> torch.Tensor:  # noqa: F821
     return torch.sign(upper) * torch.sqrt(upper.abs() + 1e-6)
 
 
-class _DecodeDataset:
-    """Files to (index, FileInfo, Fingerprint or None, uint8 CHW array or None).
+@dataclass(frozen=True)
+class _CleanWork:
+    """One file to `Item((FileInfo, Fingerprint or None), pixels or None)` for `curator clean`: read through the
+    policy, hashed, judged, fingerprinted, and preprocessed only when its embedding is not cached.
 
-    Decodes only what the cache and the previous manifest (`known`: verdict and fingerprint by sha256) lack.
-    """
+    `known` (verdict and fingerprint by sha256, from the previous manifest) spares the decoding of files whose
+    verdict is known and whose embedding is cached (or which were not images)."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, cached: set[str],
-                 known: dict[str, tuple[FileInfo, Fingerprint | None]], policy: ReadPolicy):
-        self.policy = policy
-        self.paths = list(paths)
-        self.preprocess = preprocess
-        self.cached = cached
-        self.known = known
+    preprocess: preprocessing.Preprocess
+    cached: frozenset[str]
+    known: dict[str, tuple[FileInfo, Fingerprint | None]]
+    policy: ReadPolicy
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def __call__(self, path: Path, ctx) -> Item:
+        from curator.dataplane import Item
 
-    def __getitem__(self, index: int):
-        path = self.paths[index]
         data, row = read_source(path, self.policy)
         if row is not None:
-            return index, row.info, None, None
+            return Item((row.info, None))
         sha = hashlib.sha256(data).hexdigest()
         prior, prior_print = self.known.get(sha, (None, None))
         if prior is not None and (not prior.ok or (sha in self.cached and prior_print is not None)):
-            return index, _with_path(prior, path, len(data)), prior_print, None
+            return Item((_with_path(prior, path, len(data)), prior_print))
         decoded = decode_bytes(path, data, self.preprocess.draft_size)
         if not decoded.info.ok:
-            return index, decoded.info, None, None
+            return Item((decoded.info, None))
         prints = fingerprint(decoded.image)
         if sha in self.cached:
-            return index, decoded.info, prints, None
-        pixels = np.asarray(self.preprocess.pil_steps(decoded.image), dtype=np.uint8)
-        return index, decoded.info, prints, np.ascontiguousarray(pixels.transpose(2, 0, 1))
+            return Item((decoded.info, prints))
+        return Item((decoded.info, prints), self.preprocess.pixels(decoded.image))
 
 
 def _with_path(info: FileInfo, path: Path, size: int) -> FileInfo:
     return FileInfo(path, info.sha256, size, info.width, info.height, info.format, info.mode, info.status, info.reason)
 
 
-def _collate(items):
-    import torch
-
-    indices = [item[0] for item in items]
-    infos = [item[1] for item in items]
-    prints = [item[2] for item in items]
-    arrays = [(pos, item[3]) for pos, item in enumerate(items) if item[3] is not None]
-    pixels = torch.from_numpy(np.stack([a for _, a in arrays])) if arrays else None
-    return indices, infos, prints, [pos for pos, _ in arrays], pixels
-
-
 @dataclass(frozen=True)
 class EmbedReport:
-    """What the pass did: every file's info and fingerprint in input order, embeddings computed or reused, timings."""
+    """What the pass did: every file's info and fingerprint in input order, embeddings computed or reused, timings
+    (`wait_seconds`: how long the model waited for decoded batches)."""
 
     infos: list[FileInfo]
     fingerprints: list[Fingerprint | None]
@@ -423,57 +396,66 @@ class EmbedReport:
     reused: int
     seconds: float
     model_seconds: float
+    wait_seconds: float = 0.0
+    workers: int = 0
 
     @property
     def images_per_second(self) -> float:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def wait_share(self) -> float:
+        """The share of the pass's wall time the model waited for data (near 1: bound by decoding)."""
+        return min(1.0, self.wait_seconds / self.seconds) if self.seconds > 0 else 0.0
 
-def default_workers() -> int:
-    """Decode workers: one per core beyond the first, at least one, at most eight."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+def default_workers(device: str | None = None) -> int:
+    """Decode workers for a device (see `curator.dataplane.default_workers`): cores - 1 on CUDA, 1 on a CPU."""
+    from curator.dataplane import default_workers as by_device
+
+    return by_device(device)
 
 
 def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache, runtime: Runtime, *,
-                batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
+                batch_size: int | None = None, workers: int | None = None,
                 known: dict[str, tuple[FileInfo, Fingerprint | None]] | None = None,
                 progress: ProgressFn | None = None, policy: ReadPolicy = ReadPolicy()) -> EmbedReport:
     """Judge and fingerprint every file, and make sure every ok image's features are in `cache`.
 
-    `known` maps sha256 to an earlier verdict and fingerprint (from a previous manifest): such files are hashed but
-    not decoded again when their embedding is cached too. Files are read through `policy` (regular files only, a
-    size cap, links leaving its root not followed).
+    Decoding runs on the batched data plane (`curator.dataplane`, the one `classify dir` uses) with the backbone's
+    preprocessing (`curator.preprocess.Preprocess`). `known` maps sha256 to an earlier verdict and fingerprint (from
+    a previous manifest): such files are hashed but not decoded again when their embedding is cached too. Files are
+    read through `policy` (regular files only, a size cap, links leaving its root not followed). `batch_size` and
+    `workers` left as None are chosen by device (and no worker processes for a handful of files).
     """
     import torch
-    from torch.utils.data import DataLoader
 
+    from curator.dataplane import DataPlane, chunked, choose_workers, default_batch_size
+
+    batch_size = default_batch_size(runtime.device) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
-    workers = default_workers() if workers is None else workers
-    preprocess = preprocess_for(backbone.data_config)
+    paths = list(paths)
+    workers = choose_workers(workers, runtime.device, len(paths))
+    preprocess = preprocessing.Preprocess.from_data_config(backbone.data_config)
     device = torch.device(runtime.device)
     backbone.model.to(device).to(memory_format=torch.channels_last)  # in place: modules move themselves
     mean, std = pixel_scale(preprocess.mean, preprocess.std, device)
-    dataset = _DecodeDataset(paths, preprocess, cache.shas(), known or {}, policy)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-    infos: list[FileInfo | None] = [None] * len(dataset)
-    prints: list[Fingerprint | None] = [None] * len(dataset)
+    work = _CleanWork(preprocess, frozenset(cache.shas()), known or {}, policy)
+    plane = DataPlane(partial(chunked, range(len(paths)), batch_size), _Indexed(paths, work),
+                      (3, preprocess.crop, preprocess.crop), device=device, workers=workers)
+    infos: list[FileInfo | None] = [None] * len(paths)
+    prints: list[Fingerprint | None] = [None] * len(paths)
     pending_shas: list[str] = []
     pending_pixels: list[torch.Tensor] = []
     computed = 0
-    reused = 0
     model_seconds = 0.0
     queued: set[str] = set()
 
     def run_model(shas: list[str], pixels: torch.Tensor) -> None:
         nonlocal computed, model_seconds
         t0 = time.perf_counter()
-        x = pixels.to(device, non_blocking=True).float().sub_(mean).div_(std)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = pixels.float().sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=runtime.torch_dtype, enabled=runtime.autocast):
             feats = forward_features(backbone, x)
         cache.append(shas, feats.float().cpu().numpy())
@@ -481,29 +463,43 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
         computed += len(shas)
 
     start = time.perf_counter()
-    for indices, batch_infos, batch_prints, positions, pixels in loader:
-        for index, info, prints_ in zip(indices, batch_infos, batch_prints):
+    for ready in plane:
+        for index, info, prints_ in ready.meta:
             infos[index] = info
             prints[index] = prints_
         new = []
-        for row, pos in enumerate(positions):
-            sha = batch_infos[pos].sha256
+        for row, pos in enumerate(ready.positions):
+            sha = ready.meta[pos][1].sha256
             if sha not in queued:  # identical files in one run are embedded once
                 queued.add(sha)
                 new.append(row)
         if new:
-            pending_shas.extend(batch_infos[positions[r]].sha256 for r in new)
-            pending_pixels.append(pixels[new] if len(new) != len(positions) else pixels)
+            pending_shas.extend(ready.meta[ready.positions[r]][1].sha256 for r in new)
+            pending_pixels.append(ready.pixels[new] if len(new) != len(ready.positions) else ready.pixels)
         while len(pending_shas) >= batch_size:
             stacked = torch.cat(pending_pixels)
             run_model(pending_shas[:batch_size], stacked[:batch_size])
             pending_shas = pending_shas[batch_size:]
             pending_pixels = [stacked[batch_size:]] if pending_shas else []
         if progress:
-            progress(len(indices))
+            progress(len(ready.meta))
     if pending_shas:
         run_model(pending_shas, torch.cat(pending_pixels))
     elapsed = time.perf_counter() - start
     ok = sum(1 for info in infos if info is not None and info.ok)
     reused = ok - computed
-    return EmbedReport(infos, prints, computed, max(reused, 0), elapsed, model_seconds)
+    return EmbedReport(infos, prints, computed, max(reused, 0), elapsed, model_seconds, plane.stats.wait_seconds,
+                       workers)
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    """The work on `paths[index]`, with the index in front of the metadata (so rows land in input order)."""
+
+    paths: Sequence[Path]
+    work: _CleanWork
+
+    def __call__(self, index: int, ctx) -> Item:
+        item = self.work(self.paths[index], ctx)
+        item.meta = (index, *item.meta)
+        return item

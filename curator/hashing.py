@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import imagehash
 import numpy as np
-import scipy.fftpack
 from PIL import Image
 
 #: Centre-crop scales (fraction of each side kept) whose pHashes are stored for crop-tolerant matching.
@@ -52,6 +50,8 @@ def _bits_to_int(bits: np.ndarray) -> int:
 
 def phash(image: Image.Image) -> int:
     """imagehash's pHash (8x8 low frequencies of the DCT of a 32x32 grayscale copy), bit for bit."""
+    import scipy.fftpack  # here, not at the top: 0.3 s that `classify` start-up (via file_sha256) need not pay
+
     gray = image if image.mode == "L" else image.convert("L")
     pixels = np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:8, :8]
@@ -59,6 +59,9 @@ def phash(image: Image.Image) -> int:
 
 
 def dhash(image: Image.Image) -> int:
+    """imagehash's dHash (signs of horizontal gradients of a 9x8 grayscale copy) as a 64-bit integer."""
+    import imagehash
+
     return _bits_to_int(imagehash.dhash(image).hash)
 
 

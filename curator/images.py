@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from curator.settings import DEFAULT_MAX_BYTES  # re-exported; defined where `--help` can read it cheaply
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
@@ -28,8 +30,6 @@ IMAGE_EXTENSIONS = frozenset(
 MAX_PIXELS = 178_956_970
 #: Images whose shorter side is below this many pixels carry too little to learn from and are rejected.
 MIN_SIDE = 32
-#: Files larger than this are not read (`--max-bytes`): a 179 MP 16-bit TIFF is about 1 GB, a 3 MP JPEG 1-3 MB.
-DEFAULT_MAX_BYTES = 1 << 30
 
 STATUS_OK = "ok"
 STATUS_CORRUPT = "corrupt"

@@ -43,29 +43,7 @@ import numpy as np
 import polars as pl
 
 from curator.atomic import atomic_path
-
-ACTIONS = ("remove", "flag-only", "relabel")
-
-
-@dataclass(frozen=True)
-class MislabelSettings:
-    """Settings of stage 6; written into the workspace's settings.json with the run."""
-
-    folds: int = 5
-    neighbours: int = 40
-    regularisation: float = 0.05
-    action: str = "remove"
-    relabel_min: float = 0.9
-    tau: float = 0.01
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.action not in ACTIONS:
-            raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {self.action!r}")
-        if self.folds < 2:
-            raise ValueError(f"folds must be at least 2; got {self.folds!r}")
-        if self.neighbours < 1:
-            raise ValueError(f"neighbours must be at least 1; got {self.neighbours!r}")
+from curator.settings import MislabelSettings  # re-exported: defined in the light module the CLI imports
 
 
 @dataclass

@@ -110,6 +110,12 @@ def drop(path: str) -> Callable[[dict], None]:
     return edit
 
 
+def _legacy(meta: dict, **changes) -> None:
+    """model.json's preprocessing as `classify train` wrote it before the Preprocess was recorded."""
+    meta["preprocessing"] = {"resize_side": 256, "crop": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                             "interpolation": "bicubic", "tta": "horizontal flip", **changes}
+
+
 def _extra_class(meta: dict) -> None:
     meta["classes"].append("Cubism")
 
@@ -137,13 +143,27 @@ BAD_META = {
                       "more than once"),
     "one class too many": (_extra_class, "the head has 5 outputs but model.json lists 6 classes"),
     "one class too few": (_fewer_classes, "the head has 5 outputs but model.json lists 4 classes"),
-    "resize as text": (set_in("preprocessing.resize_side", "256"), "preprocessing.resize_side"),
+    "resize as text": (set_in("preprocessing.resize", "256"), "preprocessing.resize"),
     "crop a float": (set_in("preprocessing.crop", 224.5), "expected an integer"),
     "crop a boolean": (set_in("preprocessing.crop", True), "expected an integer"),
-    "resize 60000": (set_in("preprocessing.resize_side", 60000), "within 16..2048"),
+    "resize 60000": (set_in("preprocessing.resize", 60000), "within 16..2048"),
+    "legacy resize 60000": (lambda m: _legacy(m, resize_side=60000), "preprocessing.resize_side is 60000 pixels"),
     "crop 60000": (set_in("preprocessing.crop", 60000), "within 16..2048"),
     "crop 4": (set_in("preprocessing.crop", 4), "within 16..2048"),
-    "crop above resize": (set_in("preprocessing.crop", 300), "larger than preprocessing.resize_side"),
+    "crop above resize": (set_in("preprocessing.crop", 300), "larger than preprocessing.resize (256)"),
+    "no resize": (drop("preprocessing.resize"), "preprocessing.resize is missing"),
+    "no interpolation": (drop("preprocessing.interpolation"), "preprocessing.interpolation is missing"),
+    "unknown interpolation": (set_in("preprocessing.interpolation", "magic"), "expected one of nearest"),
+    "no version": (drop("preprocessing.version"), "preprocessing.version is missing"),
+    "version from the future": (set_in("preprocessing.version", 99), "a newer atelier"),
+    "no mean": (drop("preprocessing.mean"), "preprocessing.mean is missing"),
+    "std of zero": (set_in("preprocessing.std", [0.5, 0.0, 0.5]), "three positive numbers"),
+    "mean of text": (set_in("preprocessing.mean", ["a", 0.5, 0.5]), "three finite numbers"),
+    "resize not the model's": (set_in("preprocessing.resize", 300), "preprocessing.resize is 300 but backbone"),
+    "interpolation not the model's": (set_in("preprocessing.interpolation", "bilinear"),
+                                      'preprocessing.interpolation is "bilinear" but backbone'),
+    "mean not the model's": (set_in("preprocessing.mean", [0.485, 0.456, 0.406]), "preprocessing.mean is"),
+    "legacy resize not the model's": (lambda m: _legacy(m, resize_side=250), "preprocessing.resize_side is 250"),
     "crop not the model's": (set_in("preprocessing.crop", 200), "takes 224 pixels"),
     "unknown architecture": (set_in("backbone.name", "no_such_net_v9"), "cannot be built offline"),
     "name a number": (set_in("backbone.name", 7), "backbone.name is 7"),
@@ -286,7 +306,7 @@ def _image_dir(tmp_path: Path) -> Path:
 
 
 CLI_CASES = {
-    "dir, resize 60000": ("dir", dict(meta=set_in("preprocessing.resize_side", 60000)), "within 16..2048"),
+    "dir, resize 60000": ("dir", dict(meta=set_in("preprocessing.resize", 60000)), "within 16..2048"),
     "dir, hf-hub backbone": ("dir", dict(meta=set_in("backbone.name", "hf-hub:timm/something")),
                              "cannot be built offline"),
     "dir, NaN weights": ("dir", dict(tensors=_poison(float("nan"), lambda s: "head.fc.weight")),
@@ -316,3 +336,80 @@ def test_cli_refuses_a_damaged_run_in_one_line(case, run, tmp_path, no_network, 
     assert fragment in res.output.replace("\n", ""), res.output
     assert no_network == [] and real_builds == []
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_a_runs_preprocessing_round_trips_into_the_loaded_model(run):
+    """model.json records the backbone's Preprocess, every parameter, and loading rebuilds the same one."""
+    from curator.backbones import load_backbone
+    from curator.preprocess import VERSION, Preprocess
+
+    meta = json.loads((run / checkpoint.META_NAME).read_text())
+    expected = load_backbone("efficientnet_lite0").preprocess
+    assert expected == Preprocess(256, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert meta["preprocessing"] == {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": [0.5] * 3,
+                                     "std": [0.5] * 3, "version": VERSION, "tta": "horizontal flip"}
+    loaded = checkpoint.load(run)
+    assert loaded.preprocess == expected and loaded.tta
+    assert checkpoint.preprocessing_meta(loaded.preprocess, "horizontal flip") == meta["preprocessing"]
+
+
+def test_a_run_written_before_the_preprocessing_was_recorded_still_loads(run, tmp_path, real_builds):
+    """`resize_side` + `crop` (and, in the oldest runs, no mean or std) map onto a bicubic Preprocess, and the model
+    predicts exactly as the same run in today's format."""
+    from curator.preprocess import Preprocess
+
+    old = tampered(run, tmp_path / "old", meta=_legacy)
+    oldest = tampered(run, tmp_path / "oldest",
+                      meta=lambda m: m.__setitem__("preprocessing", {"resize_side": 256, "crop": 224, "tta": None}))
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    new = checkpoint.load(run)
+    for folder, tta in ((old, True), (oldest, False)):
+        loaded = checkpoint.load(folder)
+        assert loaded.preprocess == Preprocess(256, 224, "bicubic", (0.5,) * 3, (0.5,) * 3) and loaded.tta == tta
+        with torch.inference_mode():
+            torch.testing.assert_close(loaded.classifier(pixels), new.classifier(pixels), rtol=0, atol=0)
+    # the earlier path always resized with bicubic, whatever the backbone's config said: that is what it was
+    # trained on, so a legacy record maps to bicubic even for a bilinear model (LCNet's config, crop_pct 0.875)
+    bilinear = {"input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 0.875,
+                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    mapped = checkpoint.preprocess_of({"preprocessing": {"resize_side": 256, "crop": 224}}, bilinear)
+    assert mapped == Preprocess(256, 224, "bicubic", bilinear["mean"], bilinear["std"])
+    assert Preprocess.from_data_config(bilinear).interpolation == "bilinear"
+
+
+def test_classify_dir_with_a_run_sees_the_pixels_training_and_curator_clean_saw(run, sample_ws, tmp_path):
+    """`classify dir --model RUN` builds its input with the run's Preprocess: its embeddings equal `curator clean`'s
+    cached ones (the probe-only run keeps lite0's weights) and its confidences equal the model's on the training
+    pixel cache's centre crops (what `classify eval` reads)."""
+    import numpy as np
+    import polars as pl
+
+    from classify.data import PixelCache, file_items, fill_pixel_cache, read_split_table
+    from classify.predict import PredictSettings, classify_dir
+    from classify.train import Crops, predict_pixels
+    from curator.backbones import load_backbone
+    from curator.embed import cache_for
+    from curator.runtime import select_runtime
+
+    frame = read_split_table(sample_ws / "splits.parquet").frame.head(6)
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in frame["path"].to_list():
+        shutil.copy(path, images / Path(path).name)
+    out = tmp_path / "pred.parquet"
+    classify_dir(images, out, PredictSettings(model=str(run), embeddings=True, dtype="fp32", workers=0))
+    pred = pl.read_parquet(out)
+    rows = {row["path"]: row for row in pred.iter_rows(named=True)}
+    names = [Path(p).name for p in frame["path"].to_list()]
+    shas = frame["sha256"].to_list()
+    embedded = np.array([rows[n]["embedding"] for n in names], dtype=np.float32)
+    cached = cache_for(sample_ws, load_backbone("efficientnet_lite0")).get(shas)
+    np.testing.assert_allclose(embedded.astype(np.float16).astype(np.float32), cached, rtol=2e-3, atol=1e-3)
+
+    loaded = checkpoint.load(run)
+    pixels = PixelCache(sample_ws / "cache" / "pixels", loaded.preprocess)
+    assert fill_pixel_cache(pixels, file_items(frame), workers=0) == {}
+    loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(shas), None), batch_size=8)
+    probs, _ = predict_pixels(loaded.classifier, loader, select_runtime("cpu", "fp32"), loaded.tta)
+    assert [rows[n]["label"] for n in names] == [loaded.classes[i] for i in probs.argmax(1)]
+    np.testing.assert_allclose([rows[n]["confidence"] for n in names], probs.max(1), rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ import time
 
 import polars as pl
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from classify.cli import app
@@ -63,12 +64,13 @@ def test_lazy_listing_matches_the_scan_order(tmp_path):
 KILL_SCRIPT = """
 import sys
 from classify.predict import PredictSettings, classify_dir
-classify_dir(sys.argv[1], sys.argv[2], PredictSettings(workers=0, batch_size=4, flush_every=8, resume=True,
-             embeddings=True))
+classify_dir(sys.argv[1], sys.argv[2], PredictSettings(workers=int(sys.argv[3]), batch_size=4, flush_every=8,
+             resume=True, embeddings=True))
 """
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, workers):
     root = tmp_path / "paintings"
     for p in sorted(SAMPLE.rglob("*.jpg"))[::4]:
         (root / p.parent.name).mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     parts = tmp_path / "killed.parquet.parts"
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(root), str(out)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(script), str(root), str(out), str(workers)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 2:
@@ -93,7 +95,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert 0 < flushed.height < n_files and flushed.height % 8 == 0
     with pytest.raises(UsageError, match="interrupted run"):
         classify_dir(root, out, settings)
-    resumed = classify_dir(root, out, PredictSettings(workers=0, batch_size=4, flush_every=8, embeddings=True,
+    resumed = classify_dir(root, out, PredictSettings(workers=workers, batch_size=4, flush_every=8, embeddings=True,
                                                       resume=True))
     assert resumed.resumed_rows == flushed.height
     final = pl.read_parquet(out)
@@ -131,8 +133,81 @@ def test_cli_dir(small_tree, tmp_path):
     res = runner.invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0", "--top-k", "2"])
     assert res.exit_code == 0, res.output
     assert pl.read_parquet(out).height == 8 and "predictions" in res.output
+    assert "model waited" in res.output and "bound" in res.output  # what limited the run
     res = runner.invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0"])
     assert res.exit_code == 2 and "exists" in res.output and "Traceback" not in res.output
+
+
+def dict_rows(meta, probs, feats, positions, classes, name, k, embeddings):
+    """The rows as the committed code built them before issue 15: one Python dict per row."""
+    rows = []
+    where = {int(pos): j for j, pos in enumerate(positions)}
+    for i, ((text, escaped), err) in enumerate(meta):
+        row = {"path": text, "path_escaped": escaped, "label": None, "confidence": None, "topk_labels": None,
+               "topk_scores": None, "error": err, "model": name}
+        if embeddings:
+            row["embedding"] = None
+        if i in where:
+            p = probs[where[i]]
+            top = int(p.argmax())
+            scores, idx = torch.from_numpy(p).topk(k)
+            row.update(label=classes[top], confidence=float(p[top]), topk_labels=[classes[c] for c in idx],
+                       topk_scores=scores.tolist())
+            if embeddings:
+                row["embedding"] = feats[where[i]].tolist()
+        rows.append(row)
+    return rows
+
+
+def test_rows_are_arrow_arrays_equal_to_a_dict_per_row(odd_tree):
+    """Rows come out of numpy as Arrow arrays (labels as indices into the class names, top-k and embeddings as
+    fixed-size lists), with the schema and values the dict-per-row builder gave, errors included."""
+    import pyarrow as pa
+
+    from classify.predict import Predictor, _Chunks, _DirWork, _Inputs, _launch, _RowBuilder, _schema
+    from curator.dataplane import DataPlane
+    from curator.images import ReadPolicy
+    from curator.runtime import select_runtime
+
+    root, _ = odd_tree
+    predictor = Predictor(PredictSettings()).to(torch.device("cpu"))
+    runtime = select_runtime("cpu", "fp32")
+    work = _DirWork(root, ReadPolicy(root), predictor.preprocess)
+    plane = DataPlane(_Chunks(_Inputs(root, root.parent / "p.parquet", False), frozenset(), 8), work,
+                      predictor.shape)
+    builder = _RowBuilder(predictor.classes, predictor.name, 4, True, predictor.embedding_width)
+    tables, expected = [], []
+    for ready in plane:
+        probs, feats = predictor(ready.pixels, runtime)
+        expected += dict_rows(ready.meta, probs.numpy(), feats.numpy(), ready.positions, predictor.classes,
+                              predictor.name, 4, True)
+        tables.append(builder(_launch(predictor, ready, runtime, 4, True)))
+    table = pa.Table.from_batches(tables)
+    assert table.schema == _schema(True)
+    assert table.schema.field("label").type == pa.string()
+    assert table.schema.field("topk_labels").type == pa.list_(pa.string())
+    assert table.schema.field("embedding").type == pa.list_(pa.float32())
+    assert table.num_rows == len(expected) == 20 and table.column("error").null_count == 11
+    assert table.equals(pa.Table.from_pylist(expected, schema=_schema(True)))
+
+
+def test_gpu_decode_path_on_the_cpu_gives_the_same_rows(odd_tree, tmp_path):
+    """`gpu_decode=True` on a CPU runs the device JPEG path with decode_batch(device="cpu"): the same rows, errors
+    included, the same top-1 labels and near-equal confidences."""
+    root, expected = odd_tree
+    cpu = classify_dir(root, tmp_path / "cpu.parquet", PredictSettings(workers=1, batch_size=4, gpu_decode=False))
+    dev = classify_dir(root, tmp_path / "dev.parquet", PredictSettings(workers=1, batch_size=4, gpu_decode=True))
+    assert cpu.device_jpegs == 0 and dev.device_jpegs >= 4  # the plain and the rotated JPEGs
+    a, b = pl.read_parquet(cpu.out), pl.read_parquet(dev.out)
+    assert a.select("path", "path_escaped", "error", "model").equals(b.select("path", "path_escaped", "error", "model"))
+    assert a["label"].to_list() == b["label"].to_list() and a["label"].null_count() == 9
+    assert (a["confidence"] - b["confidence"]).abs().max() < 0.05
+
+
+def test_a_small_folder_starts_no_worker_processes_and_says_what_bound_it(small_tree, tmp_path):
+    result = classify_dir(small_tree, tmp_path / "p.parquet")
+    assert result.workers == 0 and result.batch_size == 32 and result.files == 8
+    assert 0 <= result.wait_seconds <= result.seconds and result.bound in ("decoding", "model")
 
 
 def test_cuda_asked_for_without_a_gpu_is_a_clear_error(small_tree, tmp_path):

@@ -251,3 +251,27 @@ def test_a_run_folder_of_someone_elses_files_is_refused_and_untouched(sample_ws,
         train(sample_ws / "splits.parquet", mine, TrainSettings(**FAST))
     assert [p.name for p in mine.iterdir()] == ["model.json"]
     assert (mine / "model.json").read_text() == '{"my": "own notes"}'
+
+
+def test_training_pixels_give_the_embeddings_curator_clean_cached(run, sample_ws):
+    """One preprocessing path: the pixel cache's centre crops (what the probe, val and `classify eval` read) give the
+    same features, to float16 precision, as `curator clean` cached for the same files."""
+    import torch
+
+    from classify.data import PixelCache, file_items, fill_pixel_cache
+    from classify.train import Crops
+    from curator.backbones import load_backbone
+    from curator.embed import cache_for, forward_features, pixel_scale
+
+    backbone = load_backbone("efficientnet_lite0")
+    frame = read_split_table(sample_ws / "splits.parquet").frame.head(12)
+    pixels = PixelCache(sample_ws / "cache" / "pixels", backbone.preprocess)
+    assert fill_pixel_cache(pixels, file_items(frame), workers=0) == {}
+    shas = frame["sha256"].to_list()
+    crops = torch.stack([Crops(pixels, pixels.rows(shas), None)[i][0] for i in range(len(shas))])
+    assert crops.dtype == torch.uint8 and crops.shape == (12, 3, 224, 224)
+    mean, std = pixel_scale(backbone.preprocess.mean, backbone.preprocess.std)
+    with torch.inference_mode():
+        feats = forward_features(backbone, (crops.float() - mean) / std).numpy()
+    cached = cache_for(sample_ws, backbone).get(shas)
+    np.testing.assert_allclose(feats.astype(np.float16).astype(np.float32), cached, rtol=2e-3, atol=2e-3)

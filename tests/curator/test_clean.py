@@ -12,7 +12,6 @@ from curator import manifest
 from curator.backbones import load_backbone
 from curator.clean import CleanSettings, clean
 from curator.cli import app
-from curator.embed import EMBEDDING_PARTS, cache_for, select_parts
 from curator.images import scan
 from curator.paths import to_text
 from tests.conftest import MARKER, files_containing, sample_paintings, tree_checksums
@@ -59,19 +58,65 @@ def test_rerun_recomputes_nothing_and_new_files_only_themselves(small_tree, tmp_
     assert (third.embed.computed, third.embed.reused) == (2, 8)
 
 
-def test_cached_embeddings_match_a_fresh_forward_pass(small_tree, tmp_path):
+def _calibrated_weights(name: str, path) -> None:
+    """Random weights for timm model `name` with batch-norm statistics measured on sample paintings, saved as
+    safetensors: features of a healthy scale (an uncalibrated random LCNet's are ~1e-7, below float16's range), so
+    that the comparison below tells preprocessings apart (bilinear vs bicubic changes a third of the values)."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from curator.embed import pixel_scale
+
+    torch.manual_seed(0)
+    backbone = load_backbone(name, pretrained=False)
+    model, pre = backbone.model, backbone.preprocess
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the batch
+    mean, std = pixel_scale(pre.mean, pre.std)
+    pixels = torch.stack([torch.from_numpy(pre.pixels(Image.open(p).convert("RGB"))) for p in sample_paintings(16)])
+    model.train()
+    with torch.no_grad():
+        model((pixels.float() - mean) / std)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
+@pytest.mark.parametrize("backbone", [None, "resnet18", "lcnet_035"],
+                         ids=["default", "resnet18-crop-0.95", "lcnet-bilinear"])
+def test_cached_embeddings_equal_classify_dir_embeddings(small_tree, tmp_path, backbone):
+    """One preprocessing path: `curator clean`'s cached embedding of a file equals `classify dir --embeddings`'s for
+    the same file, to float16 precision, for the default backbone and for timm models whose data config differs
+    (resnet18: crop_pct 0.95 and ImageNet's mean/std; LCNet: bilinear), with random weights given as --weights."""
+    from PIL import Image
+
+    from classify.predict import PredictSettings, classify_dir
+    from curator.embed import open_cache
+
+    big = small_tree / "Baroque" / "big.jpg"  # large enough for JPEG draft decoding, and not square
+    with Image.open(sample_paintings(12)[11]) as image:
+        image.convert("RGB").resize((900, 640), Image.Resampling.BICUBIC).save(big, quality=90)
+    weights = None
+    if backbone is not None:
+        weights = tmp_path / "w.safetensors"
+        _calibrated_weights(backbone, weights)
+    name = backbone or "efficientnet_lite0"
     ws = tmp_path / "ws"
-    clean(CleanSettings(root=small_tree, workspace=ws, dtype="fp32", workers=1))
-    df = manifest.read(ws)
-    backbone = load_backbone()
-    cached = cache_for(ws, backbone).get(df["sha256"].to_list())
-    assert cached.shape == (8, backbone.feature_dim)
-    emb = select_parts(cached, backbone.feature_layout, EMBEDDING_PARTS)
-    assert emb.shape[1] == backbone.feature_dim
-    # distinct paintings give distinct embeddings; a painting is most similar to itself
-    normed = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    sims = normed @ normed.T
-    assert (sims.argmax(axis=1) == np.arange(8)).all()
+    clean(CleanSettings(root=small_tree, workspace=ws, backbone=name, weights=weights, dtype="fp32", workers=0))
+    df = manifest.read(ws).filter(pl.col("sha256").is_not_null())
+    meta = manifest.read_metadata(ws / "manifest.parquet")
+    cached = open_cache(ws, meta["backbone_key"]).get(df["sha256"].to_list())
+    out = tmp_path / "pred.parquet"
+    classify_dir(small_tree, out, PredictSettings(backbone=name, weights=str(weights) if weights else None,
+                                                  embeddings=True, dtype="fp32", workers=0, batch_size=4,
+                                                  flush_every=8))
+    pred = pl.read_parquet(out)
+    by_path = dict(zip(pred["path"].to_list(), pred["embedding"].to_list()))
+    assert len(df) == 9 and set(df["path"].to_list()) <= set(by_path)
+    from_dir = np.array([by_path[p] for p in df["path"].to_list()], dtype=np.float32)
+    assert from_dir.shape == cached.shape and np.isfinite(cached).all()
+    np.testing.assert_allclose(from_dir.astype(np.float16).astype(np.float32), cached, rtol=2e-3, atol=1e-3)
 
 
 def test_torn_cache_tail_is_cut_and_recomputed(small_tree, tmp_path):
