@@ -217,7 +217,7 @@ def classify_directory(
     backbone: Annotated[str, typer.Option(help="Backbone when no --model is given.")] = "efficientnet_lite0",
     weights: Annotated[Path | None, typer.Option(help="Weights file for --backbone.")] = None,
     top_k: Annotated[int, typer.Option(help="How many labels and scores per row.")] = 5,
-    batch_size: Annotated[int | None, typer.Option(help="Images per model batch (default: 256 on CUDA, 32 on "
+    batch_size: Annotated[int | None, typer.Option(help="Images per model batch (default: 256 on CUDA, 64 on "
                                                         "CPU).")] = None,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores - 1 on CUDA, 1 on "
                                                      "CPU, none for a folder of at most 64 files).")] = None,

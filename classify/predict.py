@@ -20,7 +20,7 @@ One row per file: path (relative to the folder, escaped when the name is not UTF
 path_escaped, label, confidence, topk_labels, topk_scores, error, model, and with `embeddings` the feature vector
 (pooled + style statistics). An unreadable file is a row with an `error`.
 
-Defaults by device (`curator.dataplane`): batch 256 and cores - 1 decode workers on CUDA; batch 32 and one worker
+Defaults by device (`curator.dataplane`): batch 256 and cores - 1 decode workers on CUDA; batch 64 and one worker
 per four cores on a CPU (one on two cores); no worker processes at all for a folder of at most `SMALL_RUN` files (so
 a small folder starts at once).
 """

@@ -94,7 +94,7 @@ def clean(
         help="auto (fp32 on CPU, fp16 autocast on CUDA), fp32, bf16 (CUDA, or a CPU with native bf16) or fp16 "
              "(CUDA).")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
-        min=1, help="Images per model batch (default: 256 on CUDA, 32 on CPU).")] = None,
+        min=1, help="Images per model batch (default: 256 on CUDA, 64 on CPU).")] = None,
     workers: Annotated[int | None, typer.Option(
         min=0, help="Decode worker processes (default: cores - 1 on CUDA, 1 on CPU, none for at most 64 "
                     "files).")] = None,

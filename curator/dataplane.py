@@ -15,9 +15,6 @@ batch) and nvjpeg decodes it in batches; a file it rejects goes back to the CPU 
 gives the reason. Workers decode everything else, and keep a share of the JPEGs for themselves: the staging thread
 moves that share until the workers just keep up (the GPU decodes the rest, and runs the model).
 
-On a CPU the consumer's torch threads are chosen by measurement for the pass (`ThreadTuner`; restored after): on
-the 2-core machine the faster count depends on whether other jobs share the cores, by up to 2.5x.
-
 `PlaneStats` says where the time went: `wait_share` is the share of the consumer's wall time spent waiting for the
 next batch (near 1: bound by decoding; near 0: bound by the model).
 """
@@ -41,9 +38,11 @@ import torch
 from curator.images import Decoded, decode_bytes
 from curator.preprocess import Preprocess
 
-#: Batch sizes by device: on the 2-core CPU, 32 was the fastest model batch after the allocator fix
-#: (docs/BENCHMARKS.md, "Allocator and dtype"); on an H100, 256 is where lite0 fp16 reaches its ceiling (issue 15).
-BATCH_SIZE = {"cpu": 32, "cuda": 256}
+#: Batch sizes by device. CPU: on the 2-core machine, lite0 model-only (fp32, allocator fix) ran 84.6 images/s at
+#: batch 64 and 84.7 at 32 when the machine was otherwise idle, and 26.6 against 18.0 while other jobs shared its
+#: cores (OpenMP synchronises once per layer, so fewer, larger batches lose less), so 64. CUDA: on an H100, 256 is
+#: where lite0 fp16 reaches its ceiling (issue 15: 19,700 images/s, 15,000 at 64).
+BATCH_SIZE = {"cpu": 64, "cuda": 256}
 #: A folder with at most this many files (after resume) is decoded in the main process: starting worker processes
 #: costs more than it saves on one batch.
 SMALL_RUN = 64
@@ -192,7 +191,6 @@ class PlaneStats:
     wall_seconds: float = 0.0
     worker_seconds: float = 0.0
     workers: int = 0
-    model_threads: int = 0
     cpu_jpeg_share: float | None = None
 
     @property
@@ -298,13 +296,12 @@ class DataPlane:
     may be "cpu": how the CPU tests run that path). `cpu_jpeg_share`: the share of those the workers decode
     themselves; None adapts it when staging (0 otherwise). `staged`: stage batches in a background thread
     (default: on CUDA, where it overlaps copies and device decoding with the model; the tests run it on a CPU).
-    `tune_threads`: on a CPU, choose the consumer's torch threads by measurement (`ThreadTuner`) for the pass.
     Statistics are in `self.stats` as the iteration goes."""
 
     def __init__(self, chunks: Callable[[], Iterable[Sequence]], work: Work, shape: tuple[int, int, int], *,
                  device: str | torch.device = "cpu", workers: int = 0, preprocess: Preprocess | None = None,
                  device_jpegs: bool = False, cpu_jpeg_share: float | None = None, prefetch: int = 2,
-                 staged: bool | None = None, tune_threads: bool = True):
+                 staged: bool | None = None):
         if device_jpegs and preprocess is None:
             raise ValueError("device JPEG decoding needs the preprocessing")
         self.chunks = chunks
@@ -317,7 +314,6 @@ class DataPlane:
         self.prefetch = prefetch
         self.cuda = self.device.type == "cuda"
         self.staged = self.cuda if staged is None else staged
-        self.tune_threads = tune_threads
         self.adaptive = device_jpegs and cpu_jpeg_share is None and self.staged
         start_share = 0.25 if self.adaptive else float(cpu_jpeg_share or 0.0)
         if self.adaptive and workers > 0:
@@ -460,8 +456,6 @@ class DataPlane:
         start = time.perf_counter()
         source = self._loader()
         staged = self._staged_in_thread(source) if self.staged else (self._stage(b) for b in source)
-        tuner = ThreadTuner(self.workers) if self.tune_threads and not self.cuda else None
-        cycle_start, files = None, 0
         try:
             while True:
                 t0 = time.perf_counter()
@@ -469,75 +463,12 @@ class DataPlane:
                     batch = next(staged)
                 except StopIteration:
                     return
-                now = time.perf_counter()
-                self.stats.wait_seconds += now - t0
-                if tuner is not None:
-                    if cycle_start is not None:
-                        tuner.record((now - cycle_start) / max(1, files))
-                    tuner.choose()
-                cycle_start, files = now, len(batch.meta)
+                self.stats.wait_seconds += time.perf_counter() - t0
                 yield batch
         finally:
             if hasattr(staged, "close"):
                 staged.close()
-            if tuner is not None:
-                self.stats.model_threads = tuner.close()
             self.stats.wall_seconds = time.perf_counter() - start
-
-
-class ThreadTuner:
-    """Chooses the CPU threads of the model that consumes the batches, by measurement, and restores them after.
-
-    The candidates are the threads torch has and that many less the decode workers (at least one; with no workers,
-    one less): on the 2-core machine, two threads were 1.4x faster than one when it was otherwise idle, and one was
-    2.2-2.5x faster than two when other jobs kept its cores busy (OpenMP threads that lose their core to another
-    process make the others wait for them). After `WARMUP` batches each candidate runs `TRIALS` batches, in turn,
-    and the one with the least wall time per file (model, rows and waiting for the next batch) is kept; the trial is
-    repeated every `PERIOD` batches, as other jobs come and go. The outputs do not depend on the thread count."""
-
-    WARMUP = 2
-    TRIALS = 2
-    PERIOD = 40
-
-    def __init__(self, workers: int):
-        self.before = torch.get_num_threads()
-        fewer = max(1, self.before - max(1, workers))
-        self.candidates = sorted({self.before, fewer}, reverse=True)
-        self.best = self.before
-        self.current = self.before
-        self.batches = 0
-        self.plan: list[int] = []
-        self.times: dict[int, list[float]] = {}
-        self.last_trial = None
-
-    def record(self, seconds_per_file: float) -> None:
-        """The wall time per file of the batch just consumed, under the threads it ran with."""
-        if self.times is not None and self.current in self.times:
-            self.times[self.current].append(seconds_per_file)
-
-    def choose(self) -> None:
-        """Set the threads for the batch about to be consumed."""
-        self.batches += 1
-        if len(self.candidates) > 1 and not self.plan:
-            if self.times and all(len(t) >= self.TRIALS for t in self.times.values()):
-                self.best = min(self.candidates, key=lambda c: sum(self.times[c]) / len(self.times[c]))
-                self.times = {}
-            due = self.last_trial is None or self.batches - self.last_trial >= self.PERIOD
-            if self.batches > self.WARMUP and due:
-                self.plan = [c for _ in range(self.TRIALS) for c in self.candidates]
-                self.times = {c: [] for c in self.candidates}
-                self.last_trial = self.batches
-        self._set(self.plan.pop(0) if self.plan else self.best)
-
-    def _set(self, threads: int) -> None:
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-        self.current = threads
-
-    def close(self) -> int:
-        """Restore the threads torch had; returns the count last chosen."""
-        self._set(self.before)
-        return self.best
 
 
 class _Box:

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from curator.dataplane import Item
 
 EMBEDDING_PARTS = ("pooled", "stats")
-#: The CPU batch; `embed_files` picks it by device (`curator.dataplane.BATCH_SIZE`) when given None.
-DEFAULT_BATCH_SIZE = 32
+#: The CPU batch (`curator.dataplane.BATCH_SIZE`); `embed_files` picks it by device when given None.
+DEFAULT_BATCH_SIZE = 64
 
 ProgressFn = Callable[[int], None]
 

@@ -206,7 +206,7 @@ def test_gpu_decode_path_on_the_cpu_gives_the_same_rows(odd_tree, tmp_path):
 
 def test_a_small_folder_starts_no_worker_processes_and_says_what_bound_it(small_tree, tmp_path):
     result = classify_dir(small_tree, tmp_path / "p.parquet")
-    assert result.workers == 0 and result.batch_size == 32 and result.files == 8
+    assert result.workers == 0 and result.batch_size == 64 and result.files == 8
     assert 0 <= result.wait_seconds <= result.seconds and result.bound in ("decoding", "model")
 
 

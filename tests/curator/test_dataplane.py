@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from curator.dataplane import (CPU_ONLY, Context, DataPlane, Item, ThreadTuner, assemble, choose_workers,
-                               chunked, decode_routed, default_batch_size, default_workers)
+from curator.dataplane import (CPU_ONLY, Context, DataPlane, Item, assemble, choose_workers, chunked,
+                               decode_routed, default_batch_size, default_workers)
 from curator.images import ReadPolicy, read_source
 from curator.preprocess import Preprocess
 from tests.conftest import sample_paintings
@@ -198,40 +198,12 @@ def test_context_routes_the_share_it_is_given():
 
 
 def test_defaults_by_device():
-    assert default_batch_size("cpu") == 32 and default_batch_size("cuda") == 256
+    assert default_batch_size("cpu") == 64 and default_batch_size("cuda") == 256
     cores = len(__import__("os").sched_getaffinity(0))
     assert default_workers("cuda") == max(1, cores - 1) and default_workers("cpu") == max(1, cores // 4)
     assert choose_workers(None, "cpu", 3) == 0  # a handful of files: no worker processes to start
     assert choose_workers(None, "cuda", 10_000) == default_workers("cuda")
     assert choose_workers(4, "cpu", 3) == 4
-
-
-def test_the_thread_tuner_keeps_the_faster_count_and_gives_torch_its_threads_back():
-    before = torch.get_num_threads()
-    if before < 2:
-        pytest.skip("one thread: nothing to choose")
-    fewer = before - 1
-    tuner = ThreadTuner(workers=1)
-    assert tuner.candidates == [before, fewer]
-    seen = []
-    for cost in ({before: 2.0, fewer: 1.0}, {before: 1.0, fewer: 2.0}):  # a busy machine, then an idle one
-        for _ in range(ThreadTuner.PERIOD):
-            tuner.choose()
-            seen.append(torch.get_num_threads())
-            tuner.record(cost[seen[-1]])
-    assert seen[:2] == [before, before]  # warm-up
-    assert seen[2:6] == [before, fewer, before, fewer]  # trials, in turn
-    assert set(seen[6:ThreadTuner.PERIOD]) == {fewer}  # the faster one, until the next trial
-    assert seen[-1] == before  # the next trial found the machine idle again
-    assert tuner.close() == before and torch.get_num_threads() == before
-
-
-def test_a_pass_leaves_torchs_threads_as_it_found_them(mixed):
-    before = torch.get_num_threads()
-    plane = DataPlane(lambda: chunked(mixed * 2, 2), ReadDecode(), SHAPE, workers=1)
-    during = {torch.get_num_threads() for _ in plane}
-    assert during <= {before, max(1, before - 1)} and plane.stats.model_threads in during
-    assert torch.get_num_threads() == before
 
 
 def test_clean_embeds_through_the_plane_with_or_without_workers(small_tree, tmp_path):
