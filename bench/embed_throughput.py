@@ -73,12 +73,12 @@ def run_agreement(data: Path, limit: int) -> dict:
     from PIL import Image
 
     from curator.backbones import load_backbone
-    from curator.embed import preprocess_for
+    from curator.preprocess import Preprocess
     from curator.runtime import configure_allocator
 
     configure_allocator()
     backbone = load_backbone()
-    pre = preprocess_for(backbone.data_config)
+    pre = Preprocess.from_data_config(backbone.data_config)
     model = backbone.model.to(memory_format=torch.channels_last)
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255
@@ -86,8 +86,8 @@ def run_agreement(data: Path, limit: int) -> dict:
     paths = every[:: max(1, len(every) // limit)][:limit]
     agree = {"bfloat16": 0, "float16": 0}
     for i in range(0, len(paths), 50):
-        arrays = [np.asarray(pre.pil_steps(Image.open(p).convert("RGB"))) for p in paths[i:i + 50]]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().sub(mean).div(std)
+        arrays = [pre.pixels(Image.open(p).convert("RGB")) for p in paths[i:i + 50]]
+        x = torch.from_numpy(np.stack(arrays)).float().sub(mean).div(std)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             ref = model(x).argmax(1)

@@ -28,7 +28,7 @@ from curator.hashing import file_sha256
 from curator.images import ReadPolicy, decode_bytes, looks_like_image, read_image, read_source, scan
 from curator.paths import from_text, relative_text, to_text
 from curator.preprocess import Preprocess
-from curator.store import RecordStore, set_aside
+from curator.store import RecordStore, set_aside, sha_array
 
 SPLITS = ("train", "val", "test")
 ProgressFn = Callable[[int], None]
@@ -195,7 +195,7 @@ class PixelCache:
     def append(self, shas: Sequence[str], pixels: np.ndarray) -> None:
         """Persist a batch of squares with their checksums, in O(batch)."""
         records = np.empty(len(shas), dtype=self.record)
-        records["sha"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
+        records["sha"] = sha_array(shas)
         records["pix"] = pixels
         records["crc"] = [_record_crc(r["sha"], r["pix"]) for r in records]
         self._store.append(records)

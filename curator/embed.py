@@ -37,7 +37,7 @@ from curator.errors import UsageError
 from curator.hashing import Fingerprint, fingerprint
 from curator.images import FileInfo, ReadPolicy, decode_bytes, read_source
 from curator.runtime import Runtime
-from curator.store import RecordStore, set_aside, whole_records  # noqa: F401 (re-exported)
+from curator.store import RecordStore, set_aside, sha_array
 
 if TYPE_CHECKING:
     from curator.dataplane import Item
@@ -47,35 +47,6 @@ EMBEDDING_PARTS = ("pooled", "stats")
 DEFAULT_BATCH_SIZE = 64
 
 ProgressFn = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The model's eval preprocessing split in two: PIL steps (run in decode workers) and normalisation (batched)."""
-
-    pil_steps: Callable
-    draft_size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-def preprocess_for(data_config: dict) -> Preprocess:
-    """Derive the preprocessing from a timm data config (timm's own eval transform, cut before ToTensor)."""
-    import timm.data
-    from torchvision import transforms
-
-    full = timm.data.create_transform(**data_config, is_training=False)
-    steps = []
-    for step in full.transforms:
-        if type(step).__name__ in ("ToTensor", "MaybeToTensor"):
-            break
-        steps.append(step)
-    side = max(data_config["input_size"][1:])
-    for step in steps:
-        if isinstance(step, transforms.Resize):
-            size = step.size
-            side = max(size) if isinstance(size, (tuple, list)) else int(size)
-    return Preprocess(transforms.Compose(steps), (side, side), tuple(data_config["mean"]), tuple(data_config["std"]))
 
 
 def pixel_scale(mean: Sequence[float], std: Sequence[float],
@@ -212,7 +183,7 @@ class EmbeddingCache:
         if not self.writable:
             raise PermissionError(f"embedding cache {self.key} was opened read-only")
         records = np.empty(len(shas), dtype=self.record)
-        records["sha"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
+        records["sha"] = sha_array(shas)
         records["vec"] = vectors.astype(np.float16)
         finite = _finite_records(records)
         if not finite.all():

@@ -45,7 +45,7 @@ from curator.hashing import file_sha256
 from curator.images import ReadPolicy, decode_bytes, read_source
 from curator.manifest import SCHEMA_VERSION
 from curator.ownership import claim, marker_kind
-from curator.paths import to_text
+from curator.paths import display
 
 CATALOG_NAME = "catalog.parquet"
 JOURNAL_NAME = ".catalog.journal.jsonl"
@@ -110,13 +110,7 @@ class IngestResult:
 def storable(text: object) -> str | None:
     """`text` as a str that UTF-8 writers (Parquet, JSON) accept: unchanged when it already is; a file name with
     surrogate-escaped bytes as `curator.paths.to_text` escapes it; any other lone surrogate as `\\udXXX`."""
-    if text is None:
-        return None
-    text = str(text)
-    try:
-        return to_text(text)[0]
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return None if text is None else display(str(text))
 
 
 def safe_name(text: str | None, fallback: str, max_bytes: int = MAX_NAME_BYTES) -> str:

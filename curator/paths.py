@@ -48,8 +48,12 @@ def from_text(text: str, escaped: bool | None) -> str:
 
 
 def display(name: str) -> str:
-    """A name for messages and logs: escaped if it must be, never raising."""
-    return to_text(name)[0]
+    """A name (or any text) that UTF-8 writers, messages and logs accept, never raising: unchanged when it already is;
+    surrogate-escaped bytes escaped as `to_text` does; any other lone surrogate as `\\udXXX`."""
+    try:
+        return to_text(name)[0]
+    except UnicodeEncodeError:  # a lone surrogate that no file name's bytes produce (e.g. from JSON)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def relative_text(path: Path, root: Path) -> tuple[str, bool]:

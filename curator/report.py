@@ -10,11 +10,11 @@ first `PAGE` and fold the rest, so a 100k-image run still opens.
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 import polars as pl
 
+from curator.atomic import atomic_path
 from curator.images import write_thumbnail
 from curator.paths import source_path
 
@@ -121,7 +121,6 @@ def write_report(frame: pl.DataFrame, root: Path, workspace: Path) -> Path:
             f"</title><style>{_CSS}</style></head><body><h1>curator clean report</h1>"
             f"<p>root: {html.escape(str(root))}; {len(frame)} files</p>{''.join(sections)}</body></html>")
     path = workspace / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

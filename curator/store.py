@@ -268,5 +268,10 @@ class RecordStore:
         self._finalizer = weakref.finalize(self, _sync_and_close, self._handle)
 
 
+def sha_array(shas: Sequence[str]) -> np.ndarray:
+    """Hex sha256 strings as the (n, 32) uint8 array a record's `sha` field holds."""
+    return np.frombuffer(b"".join(bytes.fromhex(s) for s in shas), dtype=np.uint8).reshape(-1, 32)
+
+
 def _key(sha: str | bytes) -> bytes:
     return sha if isinstance(sha, bytes) else bytes.fromhex(sha)

@@ -44,3 +44,8 @@ def test_relative_text_and_source_path_find_the_file(tmp_path):
     assert (text, escaped) == ("Rococo/caf\\xe9.jpg", True)
     assert source_path(tmp_path, text, escaped).read_bytes() == b"x"
     assert display(str(entry)).endswith("caf\\xe9.jpg")
+
+
+def test_display_never_raises_even_for_a_lone_surrogate_no_file_name_gives():
+    assert display("label \ud800 x") == "label \\ud800 x"
+    assert display(os.fsdecode(b"caf\xe9")) == "caf\\xe9"
