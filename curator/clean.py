@@ -178,7 +178,7 @@ def _known_verdicts(root: Path, workspace: Path) -> dict[str, tuple[FileInfo, Fi
     """Verdicts and fingerprints from the workspace's previous manifest, by content hash, so that unchanged files
     are not decoded again."""
     try:
-        previous = manifest.read(workspace / manifest.MANIFEST_NAME)
+        previous = manifest.read_fingerprints(workspace / manifest.MANIFEST_NAME)
     except ManifestError:
         return {}
     known = {}

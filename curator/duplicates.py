@@ -221,25 +221,30 @@ def embedding_pairs(sim: Similarity, phash: np.ndarray, crop: np.ndarray, colour
     return verify_pairs(pairs, colour, None, None, settings)
 
 
-def connected_clusters(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Union-find over pairs: a cluster id per row (the smallest member's index), -1 for rows in no pair."""
-    parent = np.arange(n)
+def connected_clusters(n: int, i: np.ndarray, j: np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
+    """Connected components of the pairs (scipy): per row, the index of its component's first member by `rank`
+    (lowest rank first; the smallest index when no rank is given), -1 for rows in no pair."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(x: int) -> int:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    count, labels = connected_components(graph, directed=False)
+    by_rank = np.argsort(np.arange(n) if rank is None else rank, kind="stable")
+    ordered = labels[by_rank]
+    _, first = np.unique(ordered, return_index=True)
+    representative = np.empty(count, dtype=np.int64)
+    representative[ordered[first]] = by_rank[first]
+    sizes = np.bincount(labels, minlength=count)
+    return np.where(sizes[labels] > 1, representative[labels], -1)
 
-    for a, b in zip(i.tolist(), j.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([find(x) for x in range(n)], dtype=np.int64)
-    sizes = np.bincount(roots, minlength=n)
-    return np.where(sizes[roots] > 1, roots, -1)
+
+def cluster_ids(members: np.ndarray, sha256: np.ndarray) -> list[str | None]:
+    """Content-derived cluster ids: the first 16 hex digits of the sha256 of the member `members` names (the
+    cluster's keeper), None for -1. Adding files elsewhere never renumbers a cluster."""
+    return [None if m < 0 else sha256[m][:16] for m in members.tolist()]
 
 
 def keeper_order(frame: pl.DataFrame) -> pl.DataFrame:
@@ -251,10 +256,11 @@ def keeper_order(frame: pl.DataFrame) -> pl.DataFrame:
         "_pixels", "_format_rank")
 
 
-def _stage_columns(n: int, pairs: pl.DataFrame, stage: str, score: np.ndarray) -> dict[str, np.ndarray]:
-    groups = connected_clusters(n, pairs["i"].to_numpy(), pairs["j"].to_numpy())
-    return {f"is_{stage}_issue": groups >= 0, f"{stage}_score": score.astype(np.float32),
-            f"{stage}_group": groups}
+def _stage_columns(pairs: pl.DataFrame, stage: str, score: np.ndarray, rank: np.ndarray,
+                   sha256: np.ndarray) -> dict[str, object]:
+    members = connected_clusters(len(rank), pairs["i"].to_numpy(), pairs["j"].to_numpy(), rank)
+    return {f"is_{stage}_issue": members >= 0, f"{stage}_score": score.astype(np.float32),
+            f"{stage}_group": cluster_ids(members, sha256)}
 
 
 def _best_per_row(n: int, pairs: pl.DataFrame, column: str, worst: float, higher_is_closer: bool) -> np.ndarray:
@@ -275,6 +281,7 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
 
     Returns the frame with the duplicate columns and updated status/keep/reason, and every reported pair
     (`i`, `j` as row indices of `frame`, the stage and its evidence). `progress` is called once per stage.
+    Cluster and group ids are the first 16 hex digits of the sha256 of the member the keeper rule ranks first.
     """
     step = progress or (lambda n: None)
     from curator.hashing import colour_vectors, from_hex
@@ -299,84 +306,100 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
     step(1)
     embedded = embedding_pairs(sim, phash, crop, colour, settings) if sim is not None else empty_pairs()
     step(1)
+    rank = np.empty(m, dtype=np.int64)
+    rank[keeper_order(ok.with_row_index("_ok"))["_ok"].to_numpy()] = np.arange(m)
+    sha = np.asarray(ok["sha256"].to_list(), dtype=object)
+    exact_members = connected_clusters(m, exact["i"].to_numpy(), exact["j"].to_numpy())
     columns = {
-        **_stage_columns(m, exact, "exact", np.where(connected_clusters(m, exact["i"].to_numpy(),
-                                                                         exact["j"].to_numpy()) >= 0, 0.0, 1.0)),
-        **_stage_columns(m, near, "phash", _best_per_row(m, near, "phash_distance", 64.0, False) / 64.0),
-        **_stage_columns(m, embedded, "embedding",
-                         1.0 - np.clip(_best_per_row(m, embedded, "cosine", 0.0, True), 0.0, 1.0)),
+        **_stage_columns(exact, "exact", np.where(exact_members >= 0, 0.0, 1.0), rank, sha),
+        **_stage_columns(near, "phash", _best_per_row(m, near, "phash_distance", 64.0, False) / 64.0, rank, sha),
+        **_stage_columns(embedded, "embedding",
+                         1.0 - np.clip(_best_per_row(m, embedded, "cosine", 0.0, True), 0.0, 1.0), rank, sha),
     }
     all_pairs = pl.concat([exact, near, embedded])
-    cluster = connected_clusters(m, all_pairs["i"].to_numpy(), all_pairs["j"].to_numpy())
-
-    # map ok-row indices back to frame rows; group ids become frame row indices
-    def spread(values: np.ndarray, fill, convert) -> list:
-        full = [fill] * n
-        for row, value in zip(ok_rows.tolist(), values.tolist()):
-            full[row] = convert(value)
-        return full
-
-    def as_group(value: int):
-        return int(ok_rows[value]) if value >= 0 else None
-
-    out = {}
-    for name, values in columns.items():
-        if name.startswith("is_"):
-            out[name] = spread(values, False, bool)
-        elif name.endswith("_group"):
-            out[name] = spread(values, None, as_group)
-        else:
-            out[name] = spread(values, None, float)
-    cluster_full = spread(cluster, None, as_group)
-
-    status = frame["status"].to_list()
-    reason = frame["reason"].to_list()
-    keep = frame["keep"].to_list()
-    duplicate_of: list[str | None] = [None] * n
+    cluster = cluster_ids(connected_clusters(m, all_pairs["i"].to_numpy(), all_pairs["j"].to_numpy(), rank), sha)
     global_pairs = all_pairs.with_columns(pl.Series("i", ok_rows[all_pairs["i"].to_numpy()]),
                                           pl.Series("j", ok_rows[all_pairs["j"].to_numpy()]))
-    evidence: dict[tuple[int, int], str] = {}
-    for row in global_pairs.iter_rows(named=True):
-        detail = row["detail"]
-        if row["stage"] == "phash" and row["cosine"] is not None:
-            detail += f", cosine {row['cosine']:.3f}"
-        evidence.setdefault((row["i"], row["j"]), f"{row['stage']}: {detail}")
-    with_cluster = frame.with_row_index("_row").with_columns(pl.Series("_cluster", cluster_full, dtype=pl.Int64))
-    for members in with_cluster.filter(pl.col("_cluster").is_not_null()).partition_by("_cluster"):
-        ranked = keeper_order(members)
-        labels = sorted({x for x in ranked["label"].to_list() if x is not None})
-        rows = ranked["_row"].to_list()
-        keeper = rows[0]
-        if len(labels) > 1 and settings.conflicts != "keep":
-            counts = ranked.group_by("label").len().sort(["len", "label"], descending=[True, False])
-            top = counts.rows()
-            majority = top[0][0] if settings.conflicts == "majority" and (len(top) < 2 or top[0][1] > top[1][1]) \
-                else None
-            for r, label in zip(rows, ranked["label"].to_list()):
-                if majority is not None and label == majority:
-                    continue
-                status[r], keep[r] = "conflict", False
-                reason[r] = (f"the same image is filed under {' and '.join(labels)}"
-                             + (f"; majority label is {majority}" if majority else "; no member kept"))
-            if majority is None:
-                continue
-            keeper = next(r for r, label in zip(rows, ranked["label"].to_list()) if label == majority)
-            rows = [r for r, label in zip(rows, ranked["label"].to_list()) if label == majority]
-        keeper_path = frame["path"][keeper]
-        for r in rows:
-            if r == keeper:
-                continue
-            status[r], keep[r] = "duplicate", False
-            duplicate_of[r] = keeper_path
-            proof = evidence.get((min(r, keeper), max(r, keeper)))
-            reason[r] = f"duplicate of {keeper_path}" + (f" ({proof})" if proof else " (same cluster)")
-    result = frame.with_columns(
-        pl.Series("status", status, dtype=pl.String),
-        pl.Series("reason", reason, dtype=pl.String),
-        pl.Series("keep", keep, dtype=pl.Boolean),
-        pl.Series("cluster", cluster_full, dtype=pl.Int32),
-        pl.Series("duplicate_of", duplicate_of, dtype=pl.String),
-        *[pl.Series(name, values, dtype=pl.Boolean if name.startswith("is_") else
-                    pl.Int32 if name.endswith("_group") else pl.Float32) for name, values in out.items()],
+    spread = []
+    for name, values in columns.items():
+        dtype = pl.Boolean if name.startswith("is_") else pl.String if name.endswith("_group") else pl.Float32
+        spread.append(_spread(name, n, ok_rows, values, dtype, False if dtype == pl.Boolean else None))
+    result = frame.drop("duplicate_of", strict=False).with_columns(_spread("cluster", n, ok_rows, cluster, pl.String), *spread)
+    return resolve_clusters(result, global_pairs, settings), global_pairs
+
+
+def _spread(name: str, n: int, rows: np.ndarray, values, dtype: pl.DataType, fill=None) -> pl.Series:
+    """A column of `n` rows holding `values` at `rows` and `fill` elsewhere."""
+    full = pl.Series(name, [fill] * n, dtype=dtype)
+    if len(rows):
+        full = full.scatter(rows, pl.Series(values, dtype=dtype))
+    return full
+
+
+def _proofs(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Per reported pair (i < j, frame rows), the evidence a duplicate's reason cites: the first stage that found it."""
+    first = pairs.unique(["i", "j"], keep="first", maintain_order=True)
+    proof = [f"{stage}: {detail}" + (f", cosine {cos:.3f}" if stage == "phash" and cos is not None else "")
+             for stage, detail, cos in zip(first["stage"].to_list(), first["detail"].to_list(),
+                                           first["cosine"].to_list())]
+    return first.select("i", "j").with_columns(pl.Series("_proof", proof, dtype=pl.String))
+
+
+def resolve_clusters(frame: pl.DataFrame, pairs: pl.DataFrame, settings: DuplicateSettings) -> pl.DataFrame:
+    """Per cluster, one keeper (the keeper rule) and the others `duplicate`; clusters whose members carry different
+    labels are settled by `settings.conflicts` (drop: every member `conflict`; majority: members of a strict
+    majority label go on as a cluster, the others `conflict`; keep: labels ignored). Vectorised over clusters."""
+    members = keeper_order(frame.with_row_index("_row").filter(pl.col("cluster").is_not_null())).with_row_index(
+        "_rank")
+    if members.is_empty():
+        return frame.with_columns(pl.lit(None, dtype=pl.String).alias("duplicate_of"))
+    counts = members.group_by("cluster", "label").agg(pl.len().alias("_n")).sort(
+        ["cluster", "_n", "label"], descending=[False, True, False], nulls_last=False)
+    tops = counts.group_by("cluster", maintain_order=True).agg(
+        pl.col("label").first().alias("_top"), pl.col("_n").first().alias("_n1"),
+        pl.col("_n").slice(1, 1).first().fill_null(0).alias("_n2"))
+    labels = members.group_by("cluster").agg(
+        pl.col("label").drop_nulls().unique().sort().alias("_labels"))
+    clusters = tops.join(labels, on="cluster").with_columns(
+        (pl.col("_labels").list.len() > 1).alias("_conflict"),
+        pl.col("_labels").list.join(" and ").alias("_names"),
+        pl.when((pl.col("_n1") > pl.col("_n2")) & pl.lit(settings.conflicts == "majority"))
+        .then(pl.col("_top")).otherwise(None).alias("_majority"))
+    if settings.conflicts == "keep":
+        clusters = clusters.with_columns(pl.lit(False).alias("_conflict"))
+    members = members.join(clusters.select("cluster", "_conflict", "_names", "_majority"), on="cluster")
+    members = members.with_columns(
+        (pl.col("_conflict") & (pl.col("_majority").is_null() | (pl.col("label") != pl.col("_majority"))
+                                 .fill_null(True))).alias("_refused"))
+    eligible = members.filter(~pl.col("_refused"))
+    keepers = eligible.sort("_rank").group_by("cluster", maintain_order=True).agg(
+        pl.col("_row").first().alias("_keeper"), pl.col("path").first().alias("_keeper_path"))
+    members = members.join(keepers, on="cluster", how="left").with_columns(
+        pl.min_horizontal("_row", "_keeper").cast(pl.Int64).alias("i"),
+        pl.max_horizontal("_row", "_keeper").cast(pl.Int64).alias("j"))
+    members = members.join(_proofs(pairs), on=["i", "j"], how="left")
+    is_duplicate = ~pl.col("_refused") & (pl.col("_row") != pl.col("_keeper"))
+    verdicts = members.select(
+        "_row",
+        pl.when(pl.col("_refused")).then(pl.lit("conflict")).when(is_duplicate).then(pl.lit("duplicate"))
+        .otherwise(None).alias("_status"),
+        pl.when(pl.col("_refused")).then(
+            pl.lit("the same image is filed under ") + pl.col("_names")
+            + pl.when(pl.col("_majority").is_not_null()).then(pl.lit("; majority label is ") + pl.col("_majority"))
+            .otherwise(pl.lit("; no member kept")))
+        .when(is_duplicate).then(
+            pl.lit("duplicate of ") + pl.col("_keeper_path")
+            + pl.when(pl.col("_proof").is_not_null()).then(pl.lit(" (") + pl.col("_proof") + pl.lit(")"))
+            .otherwise(pl.lit(" (same cluster)")))
+        .otherwise(None).alias("_reason"),
+        pl.when(is_duplicate).then(pl.col("_keeper_path")).otherwise(None).alias("duplicate_of"),
     )
-    return result, global_pairs
+    out = frame.with_row_index("_row").join(verdicts, on="_row", how="left").sort("_row")
+    changed = pl.col("_status").is_not_null()
+    return out.with_columns(
+        pl.when(changed).then(pl.col("_status")).otherwise(pl.col("status")).alias("status"),
+        pl.when(changed).then(pl.col("_reason")).otherwise(pl.col("reason")).alias("reason"),
+        pl.when(changed).then(pl.lit(False)).otherwise(pl.col("keep")).alias("keep"),
+    ).drop("_row", "_status", "_reason").select(*frame.columns, "duplicate_of")
+
+

@@ -16,7 +16,7 @@ import polars as pl
 from curator.atomic import atomic_path
 from curator.errors import ManifestError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: cluster and *_group ids are content-derived strings (3: row numbers)
 MANIFEST_NAME = "manifest.parquet"
 STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier")
 
@@ -62,14 +62,19 @@ OPTIONAL: dict[str, Column] = {
     # curator.duplicates: one group per stage (exact, phash, embedding); scores in [0, 1], lower is worse
     "is_exact_issue": Column(pl.Boolean, "same bytes or same decoded pixels as another ok row"),
     "exact_score": Column(pl.Float32, "0 when the row has an exact copy, else 1"),
-    "exact_group": Column(pl.Int32, "row index of the first member of the row's exact-copy group; null if none"),
+    "exact_group": Column(pl.String, "id of the row's exact-copy group (16 hex digits of its keeper's sha256); "
+                                        "null if none"),
     "is_phash_issue": Column(pl.Boolean, "a perceptual near-duplicate (pHash+dHash, or crop-aligned pHash)"),
     "phash_score": Column(pl.Float32, "smallest pHash distance to a paired row / 64; 1 when unpaired"),
-    "phash_group": Column(pl.Int32, "row index of the first member of the row's perceptual group; null if none"),
+    "phash_group": Column(pl.String, "id of the row's perceptual group (16 hex digits of its keeper's sha256); "
+                                        "null if none"),
     "is_embedding_issue": Column(pl.Boolean, "an embedding near-duplicate, verified by crop-aligned pHash"),
     "embedding_score": Column(pl.Float32, "1 - highest cosine to a paired row; 1 when unpaired"),
-    "embedding_group": Column(pl.Int32, "row index of the first member of the row's embedding group; null if none"),
-    "cluster": Column(pl.Int32, "row index of the first member of the union of all duplicate pairs; null if alone"),
+    "embedding_group": Column(pl.String, "id of the row's embedding group (16 hex digits of its keeper's sha256); "
+                                        "null if none"),
+    "cluster": Column(pl.String, "id of the union of all the row's duplicate pairs: the first 16 hex digits of the "
+                                  "sha256 of the member the keeper rule ranks first, so adding files elsewhere "
+                                  "never renumbers it; null if alone"),
     "duplicate_of": Column(pl.String, "path of the cluster's keeper, for rows that are not kept as duplicates"),
     # curator.mislabels
     "mislabel_score": Column(pl.Float32, "probability that the label is wrong (0..1, higher is worse); null unless "
@@ -161,6 +166,32 @@ def read_metadata(path: Path) -> dict:
         return json.loads(kv.get("atelier", "{}"))
     except json.JSONDecodeError:
         raise ManifestError(f"{path} has unreadable atelier metadata; run `curator clean` again") from None
+
+
+#: Earlier versions whose verdict and fingerprint columns mean what this version's do, so that a rerun after an
+#: upgrade reuses them instead of decoding every file again (version 3 differs only in its cluster ids).
+FINGERPRINT_VERSIONS = (3, SCHEMA_VERSION)
+FINGERPRINT_COLUMNS = ("path", "sha256", "status", "reason", "bytes", "width", "height", "format", "mode",
+                       "pixel_sha256", "phash", "dhash", "crop_phash", "colour")
+
+
+def read_fingerprints(path: Path) -> pl.DataFrame:
+    """The verdict and fingerprint columns (`FINGERPRINT_COLUMNS`) of a manifest of this or a compatible earlier
+    version (`FINGERPRINT_VERSIONS`); a `ManifestError` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"no manifest at {path}")
+    if read_metadata(path).get("schema_version") not in FINGERPRINT_VERSIONS:
+        raise ManifestError(f"{path} has another manifest schema version")
+    try:
+        with open(path, "rb") as fh:
+            df = pl.read_parquet(fh, columns=list(FINGERPRINT_COLUMNS))
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from None
+    wrong = [name for name in FINGERPRINT_COLUMNS if df.schema[name] not in (COLUMNS[name].dtype, pl.Null)]
+    if wrong:
+        raise ManifestError(f"{path} has wrong column types: {', '.join(wrong)}")
+    return df
 
 
 def read(path: Path) -> pl.DataFrame:

@@ -94,7 +94,7 @@ class SplitResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def units_of(clusters: list[int | None], groups: list[str | None], extra_pairs: list[tuple[int, int]] = ()
+def units_of(clusters: list[str | None], groups: list[str | None], extra_pairs: list[tuple[int, int]] = ()
              ) -> np.ndarray:
     """One unit id per row: rows sharing a duplicate cluster, a group or an extra pair share a unit."""
     n = len(clusters)

@@ -77,6 +77,38 @@ def test_union_find_clusters():
     assert clusters.tolist() == [0, 0, -1, 0, 0, -1]
 
 
+def test_components_are_named_by_their_best_ranked_member():
+    rank = np.array([5, 0, 4, 3, 1, 2])  # row 1 ranks first overall, then row 4
+    clusters = connected_clusters(6, np.array([0, 3, 4]), np.array([3, 4, 1]), rank)
+    assert clusters.tolist() == [1, 1, -1, 1, 1, -1]
+    assert connected_clusters(0, np.zeros(0), np.zeros(0)).tolist() == []
+
+
+def test_cluster_ids_stay_when_files_are_added_anywhere():
+    rows = [
+        {"path": "Baroque/a.jpg", "label": "Baroque", "phash": "0000000000000000", "width": 300, "height": 300,
+         "sha256": "a" * 64},
+        {"path": "Baroque/b.jpg", "label": "Baroque", "phash": "0000000000000001", "sha256": "b" * 64},
+        {"path": "Baroque/c.jpg", "label": "Baroque", "phash": "ff00ff00ff00ff00", "sha256": "c" * 64},
+        {"path": "Baroque/d.jpg", "label": "Baroque", "phash": "ff00ff00ff00ff01", "sha256": "d" * 64},
+    ]
+    before, _ = find_duplicates(manifest_frame(rows), None)
+    ids = dict(zip(before["path"].to_list(), before["cluster"].to_list()))
+    assert ids == {"Baroque/a.jpg": "a" * 16, "Baroque/b.jpg": "a" * 16, "Baroque/c.jpg": "c" * 16,
+                   "Baroque/d.jpg": "c" * 16}
+    assert before["phash_group"].to_list() == before["cluster"].to_list()
+    # new files sorting first, a new cluster, and a smaller copy joining an old cluster: no id changes
+    added = [{"path": "Baroque/0.jpg", "label": "Baroque", "phash": "0f0f0f0f0f0f0f0f", "sha256": "0" * 64},
+             {"path": "Baroque/00.jpg", "label": "Baroque", "phash": "0f0f0f0f0f0f0f0e", "sha256": "1" * 64},
+             {"path": "Baroque/e.jpg", "label": "Baroque", "phash": "0000000000000003", "sha256": "e" * 64,
+              "width": 50, "height": 50}]
+    after, _ = find_duplicates(manifest_frame(added + rows), None)
+    ids_after = dict(zip(after["path"].to_list(), after["cluster"].to_list()))
+    assert all(ids_after[path] == cluster for path, cluster in ids.items())
+    assert ids_after["Baroque/e.jpg"] == "a" * 16
+    assert ids_after["Baroque/0.jpg"] == ids_after["Baroque/00.jpg"] not in ("a" * 16, "c" * 16)
+
+
 def test_keeper_rule_prefers_pixels_then_lossless_then_bytes_then_path():
     frame = pl.DataFrame({
         "path": ["a.jpg", "b.png", "c.jpg", "d.jpg"],
@@ -115,6 +147,6 @@ def test_conflict_modes():
     assert majority["duplicate_of"][2] == "Rococo/a.jpg"
     kept, _ = find_duplicates(frame, None, DuplicateSettings(conflicts="keep"))
     assert kept["status"].to_list() == ["ok", "duplicate", "duplicate", "ok"]  # the larger Baroque file is kept
-    assert kept["cluster"].to_list() == [0, 0, 0, None]
+    assert kept["cluster"].to_list() == ["0" * 16] * 3 + [None]  # the keeper's sha256, not a row number
     assert kept["is_phash_issue"].to_list() == [True, True, True, False]
     assert set(pairs.select("i", "j").rows()) == {(0, 1), (0, 2), (1, 2)}

@@ -47,3 +47,18 @@ def test_missing_file_and_other_schema_version(tmp_path):
     frame().write_parquet(tmp_path / "manifest.parquet")  # no atelier metadata: an older or foreign file
     with pytest.raises(ManifestError, match="schema version None"):
         manifest.read(tmp_path)
+
+
+def test_fingerprints_are_read_from_the_previous_version_too(tmp_path):
+    """A rerun after an upgrade reuses version 3's verdicts (its cluster ids were row numbers; nothing else
+    changed) instead of decoding every file again; other versions are refused."""
+    old = frame().with_columns(pl.lit(0, dtype=pl.Int32).alias("cluster"))
+    path = tmp_path / "manifest.parquet"
+    old.write_parquet(path, metadata={"atelier": '{"schema_version": 3}'})
+    with pytest.raises(ManifestError, match="schema version 3"):
+        manifest.read(path)
+    prints = manifest.read_fingerprints(path)
+    assert prints.columns == list(manifest.FINGERPRINT_COLUMNS) and prints["phash"].item() == "00ff00ff00ff00ff"
+    old.write_parquet(path, metadata={"atelier": '{"schema_version": 2}'})
+    with pytest.raises(ManifestError, match="another manifest schema version"):
+        manifest.read_fingerprints(path)
