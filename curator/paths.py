@@ -57,7 +57,11 @@ def display(name: str) -> str:
 
 
 def relative_text(path: Path, root: Path) -> tuple[str, bool]:
-    """`path` relative to `root` with POSIX separators, as storable text and its escaped flag."""
+    """`path` relative to `root` with POSIX separators, as storable text and its escaped flag. A path spelled under
+    `root` (what `iter_files` lists) is cut as a string: a resume filters a million of them."""
+    text, base = os.fspath(path), os.fspath(root).rstrip(os.sep) + os.sep
+    if os.sep == "/" and text.startswith(base) and "/." not in text and "//" not in text:
+        return to_text(text[len(base):])
     return to_text(Path(path).relative_to(root).as_posix())
 
 

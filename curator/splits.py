@@ -126,12 +126,14 @@ def assign_parts(labels: np.ndarray, units: np.ndarray, ratios: list[float], see
     rng = np.random.default_rng(seed)
     order = np.lexsort((rng.random(len(unit_ids)), -content.sum(axis=1)))
     part_of_unit = np.zeros(len(unit_ids), dtype=np.int64)
-    for u in order:
+    sizes = content.sum(axis=1)
+    for u in order[sizes[order] > 1]:
         weights = content[u] / content[u].sum()
         fill = ((have + content[u]) / np.maximum(target, 1e-9)) @ weights
         best = int(np.argmin(fill))
         part_of_unit[u] = best
         have[best] += content[u]
+    _place_singletons(order[sizes[order] == 1], content, have, target, part_of_unit)
     for _ in range(len(unit_ids)):
         holes = np.argwhere((have == 0) & (target > 0))
         if len(holes) == 0:
@@ -146,6 +148,25 @@ def assign_parts(labels: np.ndarray, units: np.ndarray, ratios: list[float], see
         part_of_unit[u] = part
         have[part] += content[u]
     return part_of_unit[unit_of_row]
+
+
+def _place_singletons(singles: np.ndarray, content: np.ndarray, have: np.ndarray, target: np.ndarray,
+                      part_of_unit: np.ndarray) -> None:
+    """The greedy placement of one-row units, vectorised per class (the same result as placing them one by one, in
+    `singles` order): each goes to the part whose next slot, (have + 1) / target, is lowest, so the k-th row of a
+    class takes the k-th smallest of all parts' slot values (ties to the lower part, as argmin does)."""
+    if len(singles) == 0:
+        return
+    n_parts = have.shape[0]
+    single_class = content[singles].argmax(axis=1)
+    for c in np.unique(single_class):
+        members = singles[single_class == c]
+        steps = np.arange(1, len(members) + 1)
+        values = (have[:, c][:, None] + steps[None, :]) / np.maximum(target[:, c], 1e-9)[:, None]
+        parts = np.repeat(np.arange(n_parts), len(members))
+        chosen = parts[np.lexsort((parts, values.ravel()))[:len(members)]]
+        part_of_unit[members] = chosen
+        have[:, c] += np.bincount(chosen, minlength=n_parts)
 
 
 def assign_splits(labels: np.ndarray, units: np.ndarray, ratios: tuple[float, float, float],

@@ -231,3 +231,30 @@ def test_file_names_the_group_pattern_misses_are_counted(workspace):
     result = make_splits(workspace, SplitSettings(group_pattern=r"^(?:rembrandt|katsushika-hokusai|[a-g][^_]*)_"))
     assert len(result.warnings) == 1 and "matched no group in" in result.warnings[0]
     assert result.report["warnings"] == result.warnings
+
+
+def _greedy_one_by_one(labels, units, ratios, seed):
+    """The placement before vectorisation: every unit, singletons included, placed in turn (no repair pass)."""
+    classes, y = np.unique(labels, return_inverse=True)
+    target = np.outer(np.asarray(ratios), np.bincount(y, minlength=len(classes)))
+    have = np.zeros_like(target)
+    unit_ids, unit_of_row = np.unique(units, return_inverse=True)
+    content = np.zeros((len(unit_ids), len(classes)))
+    np.add.at(content, (unit_of_row, y), 1)
+    order = np.lexsort((np.random.default_rng(seed).random(len(unit_ids)), -content.sum(axis=1)))
+    part_of_unit = np.zeros(len(unit_ids), dtype=np.int64)
+    for u in order:
+        fill = ((have + content[u]) / np.maximum(target, 1e-9)) @ (content[u] / content[u].sum())
+        part_of_unit[u] = int(np.argmin(fill))
+        have[part_of_unit[u]] += content[u]
+    return part_of_unit[unit_of_row]
+
+
+def test_vectorised_singleton_placement_equals_placing_one_by_one():
+    rng = np.random.default_rng(3)
+    for trial in range(12):
+        n = int(rng.integers(200, 2000))
+        labels = rng.integers(0, int(rng.integers(2, 9)), n).astype(str)
+        units = np.where(rng.random(n) < 0.4, rng.integers(0, n // 8, n), np.arange(n) + n)  # groups + singletons
+        ratios = [0.7, 0.15, 0.15] if trial % 2 else [0.25] * 4
+        assert (assign_parts(labels, units, ratios, trial) == _greedy_one_by_one(labels, units, ratios, trial)).all()
