@@ -42,7 +42,7 @@ def test_sections_show_the_worst_and_link_every_row(tmp_path, monkeypatch):
     frame = _frame(root, clusters=30, mislabelled=12, corrupt=9)
     page = report.write_report(frame, root, ws).read_text(encoding="utf-8")
     assert "81 files: 30 kept; 42 removed (30 duplicates, 12 likely mislabelled); 9 corrupt, 0 ignored" in page
-    assert page.count("copies</span>") == 5 and "all 30 are in" in page and "all 12 are in" in page
+    assert page.count("copies</div>") == 5 and "all 30 are in" in page and "all 12 are in" in page
     assert pl.read_parquet(ws / "report" / "clusters.parquet").height == 60
     mislabels = pl.read_parquet(ws / "report" / "mislabels.parquet")
     assert mislabels["path"].to_list()[:2] == ["Rococo/m0000.png", "Rococo/m0001.png"]  # worst first
@@ -51,6 +51,27 @@ def test_sections_show_the_worst_and_link_every_row(tmp_path, monkeypatch):
     assert len(list((ws / "thumbs").glob("*.webp"))) == 15
     assert page.count('class="item flagged dropped"') == 5
     assert "<b>bad" not in page and "&lt;b&gt;bad0000.jpg" in page  # escaped by the template
+    assert "megapixels (n=81" in page and "Map of the collection" not in page  # no embeddings given: no map
+
+
+def test_the_map_projects_every_problem_and_a_sample_of_the_rest(tmp_path, monkeypatch):
+    import json
+    import re
+
+    import numpy as np
+
+    monkeypatch.setattr(report, "MAP_POINTS", 50)
+    root, ws = tmp_path / "raw", tmp_path / "ws"
+    root.mkdir()
+    frame = _frame(root, clusters=30, mislabelled=12, corrupt=9)
+    rows = np.flatnonzero(frame["status"].to_numpy() != "corrupt")
+    embeddings = np.random.default_rng(0).normal(size=(len(rows), 16)).astype(np.float16)
+    page = report.write_report(frame, root, ws, embeddings, rows).read_text(encoding="utf-8")
+    points = json.loads(re.search(r'<script type="application/json" id="points">(.*?)</script>', page, re.S)[1])
+    assert len(points["x"]) == 50 and 0 <= min(points["x"]) and max(points["y"]) <= 1
+    assert points["status"].count("duplicate") == 30 and points["status"].count("outlier") == 12  # all problems
+    shown = json.loads(re.search(r'<script type="application/json" id="rows">(.*?)</script>', page, re.S)[1])
+    assert all(row["source_url"].startswith("file://") for row in shown.values()) and len(shown) == 72
 
 
 def test_small_runs_show_everything_and_still_link_the_table(tmp_path):
@@ -58,5 +79,5 @@ def test_small_runs_show_everything_and_still_link_the_table(tmp_path):
     root.mkdir()
     frame = _frame(root, clusters=2, mislabelled=1, corrupt=0)
     page = report.write_report(frame, root, ws).read_text(encoding="utf-8")
-    assert page.count("copies</span>") == 2 and "The first" not in page
+    assert page.count("copies</div>") == 2 and "The first" not in page
     assert 'href="report/clusters.parquet"' in page and "Corrupt files (0)" in page
