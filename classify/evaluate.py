@@ -1,17 +1,29 @@
-"""`classify eval`: a trained model's numbers on a split (or a class-folder tree), with plots and an error gallery.
+"""`classify eval`: a trained model's numbers on a split (or a class-folder tree), with plots and a page that explains.
 
-Outputs, in one folder: `metrics.json` (accuracy, top-k accuracy, macro and per-class precision/recall/F1, the
-confusion matrix; for one-vs-rest models precision/recall/F1 of the positive class at the model's threshold and
-average precision), `predictions.parquet` (one row per image), `confusion_matrix.png` (row-normalised),
-`curves.png` (loss and accuracy per epoch, train and val), `pr_curve.png` (one-vs-rest), and `errors.html`
-(misclassified images as thumbnails, the most confident mistakes first).
+Outputs, in one folder:
+- `metrics.json`: accuracy, top-k accuracy, macro and per-class precision/recall/F1, the confusion matrix, the most
+  confused pairs (`confused_pairs`: true, predicted, count, share of the true class), and `curves` (which curve
+  file was drawn, or why none); for one-vs-rest models precision/recall/F1 of the positive class at the model's
+  threshold and average precision.
+- `predictions.parquet`: one row per image: `label` (the true class), `predicted`, `confidence` (its probability),
+  `label_probability` (the probability given to the true class), `pred_top_classes`/`pred_top_scores` (the
+  `TOP_K` most probable classes), `correct`, and `error` for a file that could not be read.
+- `confusion_matrix.png`: counts in the cells, shaded by the share of the true class (row-normalised).
+- `curves.png`, only when there is a curve to draw: loss and accuracy per epoch when stage 2 (fine-tune) ran; in a
+  probe-only run the probe's val accuracy and macro-F1 per L2 strength when it tried two or more; otherwise no file
+  (and `metrics.json`'s `curves.note` says why).
+- `pr_curve.png` (one-vs-rest models).
+- `errors.html` (from `templates/errors.html`, autoescaped, offline): the metrics, the per-class table, the most
+  confused pairs, the plots, and the misclassified images, most confident mistakes first, each with its top-k
+  classes and scores and the probability given to its true class.
+
+Plots are drawn on explicit Agg figures (`matplotlib.figure.Figure` with its own `FigureCanvasAgg`): evaluating
+never switches matplotlib's backend or touches pyplot's global state.
 """
 
 from __future__ import annotations
 
-import html
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +37,7 @@ from classify import checkpoint
 from classify.data import PixelCache, file_items, fill_pixel_cache, folder_images, read_split_table
 from classify.train import Crops, predict_pixels
 from curator import manifest
+from curator.atomic import atomic_path
 from curator.embed import default_workers
 from curator.errors import UsageError
 from curator.ownership import claim
@@ -34,6 +47,10 @@ from curator.runtime import Runtime, configure_allocator, select_runtime
 
 Event = Callable[[str, dict], None]
 ERRORS_SHOWN = 300
+#: How many of its most probable classes each prediction keeps (predictions.parquet, errors.html).
+TOP_K = 5
+#: How many of the most frequent (true, predicted) mistakes metrics.json and errors.html list.
+CONFUSED_PAIRS = 10
 
 
 @dataclass
@@ -104,75 +121,142 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
     return out
 
 
+def confused_pairs(matrix: np.ndarray, classes: list[str], n: int = CONFUSED_PAIRS) -> list[dict]:
+    """The `n` most frequent mistakes as {true, predicted, count, share of the true class's images}, most first
+    (ties in class order)."""
+    m = np.asarray(matrix, dtype=np.int64)
+    totals = m.sum(axis=1)
+    cells = [(-int(m[i, j]), i, j) for i in range(len(classes)) for j in range(len(classes)) if i != j and m[i, j]]
+    return [{"true": classes[i], "predicted": classes[j], "count": -c, "share": -c / max(int(totals[i]), 1)}
+            for c, i, j in sorted(cells)[:n]]
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure drawn by its own Agg canvas: no pyplot, no global backend switch (a library call must
+    not change process-wide state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plain(text: str) -> str:
+    """`text` as matplotlib shows it literally (a `$` would start mathtext)."""
+    return text.replace("$", r"\$")
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
+    """Write `confusion_figure` as a PNG."""
+    _save_fig(confusion_figure(matrix, classes, title), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    m = np.asarray(matrix, dtype=np.float64)
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
+    """The confusion matrix with its counts in the cells, shaded by the share of each true class (row-normalised),
+    class names on both axes."""
+    m = np.asarray(matrix, dtype=np.int64)
     norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     n = len(classes)
     side = max(5.0, 0.55 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), [c.replace("_", " ") for c in classes], rotation=45, ha="right", fontsize=9)
-    ax.set_yticks(range(n), [c.replace("_", " ") for c in classes], fontsize=9)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if n <= 30:
+    names = [_plain(c) for c in classes]
+    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=9)
+    ax.set_yticks(range(n), names, fontsize=9)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(_plain(title), fontsize=10)
+    if n <= 40:
+        size = 9 if n <= 12 else 7 if n <= 25 else 5.5
         for i in range(n):
             for j in range(n):
-                if m[i, j]:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                if m[i, j] or i == j:
+                    ax.text(j, i, f"{m[i, j]:,}", ha="center", va="center", fontsize=size,
                             color="white" if norm[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class (row)")
     fig.tight_layout()
-    _save_fig(fig, path)
+    return fig
+
+
+def curve_kind(history: list[dict], probe: list[dict]) -> str | None:
+    """What curves.png can show for a run: "epochs" when stage 2 ran (fine-tune rows with losses), "probe" when
+    only the probe ran but over two or more L2 strengths (its val scores per strength), else None (nothing to draw:
+    a single probe fit is one number, already in metrics)."""
+    if any(r.get("stage") == "fine-tune" and r.get("train_loss") is not None and r.get("val_loss") is not None
+           for r in history):
+        return "epochs"
+    if len([r for r in probe if r.get("l2") is not None and r.get("val_accuracy") is not None]) >= 2:
+        return "probe"
+    return None
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
+    """Write `curves_figure` as a PNG."""
+    _save_fig(curves_figure(history), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+def curves_figure(history: list[dict]):
+    """Loss and accuracy per fine-tune epoch (train and val), with the stage-1 probe's val accuracy for reference."""
     tuned = [r for r in history if r.get("stage") == "fine-tune"]
     probe = [r for r in history if r.get("stage") == "probe"]
-    if tuned:
-        ep = [r["epoch"] for r in tuned]
-        ax1.plot(ep, [r["train_loss"] for r in tuned], "o-", label="train")
-        ax1.plot(ep, [r["val_loss"] for r in tuned], "o-", label="val")
-        ax2.plot(ep, [r["train_accuracy"] for r in tuned], "o-", label="train (augmented)")
-        ax2.plot(ep, [r["val_accuracy"] for r in tuned], "o-", label="val")
-        ax2.plot(ep, [r["val_macro_f1"] for r in tuned], "s--", label="val macro-F1")
-    if probe:
+    fig = _figure(11, 4)
+    ax1, ax2 = fig.subplots(1, 2)
+    ep = [r["epoch"] for r in tuned]
+    ax1.plot(ep, [r["train_loss"] for r in tuned], "o-", label="train")
+    ax1.plot(ep, [r["val_loss"] for r in tuned], "o-", label="val")
+    ax2.plot(ep, [r.get("train_accuracy") for r in tuned], "o-", label="train (augmented)")
+    ax2.plot(ep, [r["val_accuracy"] for r in tuned], "o-", label="val")
+    ax2.plot(ep, [r.get("val_macro_f1") for r in tuned], "s--", label="val macro-F1")
+    if probe and probe[0].get("val_accuracy") is not None:
         ax2.axhline(probe[0]["val_accuracy"], color="grey", ls=":", label="val, stage-1 probe")
-    ax1.set(title="loss", xlabel="epoch")
-    ax2.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
+    ax1.set(title="loss per fine-tune epoch", xlabel="epoch")
+    ax2.set(title="accuracy per fine-tune epoch", xlabel="epoch", ylim=(0, 1))
     for ax in (ax1, ax2):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_fig(fig, path)
+    return fig
+
+
+def plot_probe(records: list[dict], chosen: float | None, path: Path) -> None:
+    """Write `probe_figure` as a PNG."""
+    _save_fig(probe_figure(records, chosen), path)
+
+
+def probe_figure(records: list[dict], chosen: float | None):
+    """A probe-only run's curve: val accuracy and macro-F1 of the linear probe per L2 strength, the kept one
+    marked."""
+    rows = sorted((r for r in records if r.get("l2") is not None), key=lambda r: r["l2"])
+    l2 = [r["l2"] for r in rows]
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    ax.plot(l2, [r["val_accuracy"] for r in rows], "o-", label="val accuracy")
+    ax.plot(l2, [r.get("val_macro_f1") for r in rows], "s--", label="val macro-F1")
+    if chosen is not None:
+        ax.axvline(chosen, color="grey", ls=":", label=f"kept: L2 {chosen:g}")
+    ax.set_xscale("log")
+    ax.set(title="linear probe (no fine-tune epochs): val score per L2", xlabel="L2 strength", ylim=(0, 1))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def plot_pr(y_true: np.ndarray, scores: np.ndarray, threshold: float, positive: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Precision against recall of the positive class, the model's threshold marked."""
     from sklearn.metrics import precision_recall_curve
 
     precision, recall, thresholds = precision_recall_curve(y_true, scores)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = _figure(5, 5)
+    ax = fig.add_subplot()
     ax.plot(recall, precision)
     i = min(int(np.searchsorted(thresholds, threshold)), len(thresholds) - 1)
     ax.plot(recall[i], precision[i], "ro", label=f"threshold {threshold:.3f}")
-    ax.set(xlabel="recall", ylabel="precision", title=f"{positive} vs the rest", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(xlabel="recall", ylabel="precision", title=f"{_plain(positive)} vs the rest", xlim=(0, 1),
+           ylim=(0, 1.02))
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -180,41 +264,56 @@ def plot_pr(y_true: np.ndarray, scores: np.ndarray, threshold: float, positive: 
 
 
 def _save_fig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
-def write_errors_html(pred: pl.DataFrame, out_dir: Path, title: str) -> Path:
-    """Misclassified images, most confident mistakes first, as thumbnails with true and predicted label."""
+def _top_k(probs: np.ndarray, classes: list[str], k: int) -> tuple[list[list[str]], list[list[float]]]:
+    """Each row's `k` most probable classes and their probabilities, most probable first."""
+    k = min(k, len(classes))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return ([[classes[j] for j in row] for row in order],
+            [[float(probs[i, j]) for j in row] for i, row in enumerate(order)])
+
+
+def _page_env():
+    from jinja2 import Environment, FileSystemLoader
+
+    return Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True)
+
+
+def write_errors_html(pred: pl.DataFrame, metrics: dict, classes: list[str], out_dir: Path, heading: str,
+                      plots: list[dict] | None = None, curves_note: str = "") -> Path:
+    """errors.html: the metrics (accuracy, macro-F1, per class precision/recall/F1), the most confused pairs, the
+    misclassified images (most confident mistakes first) with each one's top-k classes and the probability given to
+    its true class, and the plots (`plots`: {file, caption, inline}: inline ones beside the tables, the others under
+    "Training curves" with `curves_note`). From `templates/errors.html`, autoescaped; offline (no remote assets)."""
     thumbs = out_dir / "thumbs"
     thumbs.mkdir(exist_ok=True)
     wrong = pred.filter(~pl.col("correct") & pl.col("error").is_null()).sort("confidence", descending=True)
-    items = []
+    errors = []
     for row in wrong.head(ERRORS_SHOWN).iter_rows(named=True):
         name = f"{row['sha256'][:20]}.webp"
-        shown = write_thumbnail(Path(from_text(row["path"], row.get("path_escaped"))), thumbs / name, 160)
-        img = f'<img src="thumbs/{name}" loading="lazy" alt="">' if shown else "(no image)"
-        items.append(
-            f'<div class="item">{img}<div class="t">true: <b>{html.escape(row["label"])}</b></div>'
-            f'<div class="p">predicted: <b>{html.escape(row["predicted"])}</b> ({row["confidence"]:.2f})</div>'
-            f'<div class="f">{html.escape(row["rel_path"])}</div></div>')
-    more = f"<p>{len(wrong) - ERRORS_SHOWN} more not shown.</p>" if len(wrong) > ERRORS_SHOWN else ""
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>errors</title><style>"
-        "body{font-family:system-ui,sans-serif;margin:1.5rem}.grid{display:flex;flex-wrap:wrap;gap:.8rem}"
-        ".item{width:170px;font-size:.75rem;word-break:break-all}.item img{max-width:160px;max-height:160px;"
-        "display:block}.p{color:#a22}.f{color:#666}</style>"
-        f"<h1>{html.escape(title)}</h1><p>{len(wrong)} misclassified of {len(pred.filter(pl.col('error').is_null()))}"
-        f", most confident first.</p><div class='grid'>{''.join(items)}</div>{more}"
-    )
+        shown = write_thumbnail(Path(from_text(row["path"], row.get("path_escaped"))), thumbs / name, 190)
+        top = [{"name": c, "score": s, "css": "true" if c == row["label"] else "pred" if c == row["predicted"] else ""}
+               for c, s in zip(row["pred_top_classes"] or [], row["pred_top_scores"] or [])]
+        errors.append({**row, "thumb": f"thumbs/{name}" if shown else None, "top": top})
+    cards = [("accuracy", f"{metrics['accuracy']:.3f}"), ("macro-F1", f"{metrics['macro_f1']:.3f}")]
+    cards += [(f"top-{k} accuracy", f"{metrics[f'top{k}_accuracy']:.3f}") for k in (3, 5)
+              if f"top{k}_accuracy" in metrics]
+    cards += [("images scored", f"{metrics['images']:,}"), ("misclassified", f"{wrong.height:,}")]
+    page = _page_env().get_template("errors.html").render(
+        heading=heading, model=metrics.get("model_name", ""), source=metrics.get("source_name", ""),
+        images=metrics["images"], unreadable=metrics.get("errors", 0), skipped=metrics.get("skipped", 0),
+        cards=[{"name": k, "value": v} for k, v in cards],
+        per_class=[{"name": c, **metrics["per_class"][c]} for c in classes],
+        macro={"precision": metrics["macro_precision"], "recall": metrics["macro_recall"], "f1": metrics["macro_f1"]},
+        pairs=metrics.get("confused_pairs", []), positive=metrics.get("positive"), threshold=metrics.get("threshold"),
+        plots=plots or [], curves_note=curves_note, errors=errors, wrong_total=wrong.height, shown=len(errors),
+        top_k=min(TOP_K, len(classes)))
     path = out_dir / "errors.html"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path
 
 
@@ -284,35 +383,75 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
                    seconds=round(seconds, 2), images_per_second=round(len(y) / max(seconds, 1e-9), 1))
 
     pred_idx = (probs[:, 1] >= threshold).astype(np.int64) if threshold is not None else probs.argmax(1)
-    full_pred = [None] * len(frame)
-    conf = [None] * len(frame)
-    errors = [None] * len(frame)
+    top_classes, top_scores = _top_k(probs, classes, TOP_K)
+    n = len(frame)
+    full_pred, conf, truth_p = [None] * n, [None] * n, [None] * n
+    tops, top_p, errors = [None] * n, [None] * n, [None] * n
     j = 0
     for i, (ok, sha) in enumerate(zip(good, frame["sha256"].to_list())):
         if ok:
             full_pred[i] = classes[pred_idx[j]]
             conf[i] = float(probs[j, pred_idx[j]])
+            truth_p[i] = float(probs[j, y[j]])
+            tops[i], top_p[i] = top_classes[j], top_scores[j]
             j += 1
         else:
             errors[i] = failed[sha]
     predictions = pl.DataFrame({
-        "path": frame["path"], "path_escaped": frame["path_escaped"], "rel_path": frame["rel_path"], "sha256": frame["sha256"], "label": frame["label"],
+        "path": frame["path"], "path_escaped": frame["path_escaped"], "rel_path": frame["rel_path"],
+        "sha256": frame["sha256"], "label": frame["label"],
         "predicted": pl.Series(full_pred, dtype=pl.String), "confidence": pl.Series(conf, dtype=pl.Float32),
+        "label_probability": pl.Series(truth_p, dtype=pl.Float32),
+        "pred_top_classes": pl.Series(tops, dtype=pl.List(pl.String)),
+        "pred_top_scores": pl.Series(top_p, dtype=pl.List(pl.Float32)),
         "correct": pl.Series([p == t if p is not None else False for p, t in zip(full_pred, frame["label"])]),
         "error": pl.Series(errors, dtype=pl.String),
     })
+    where = f"the {split} split" if directory is None else f"folder {Path(directory).name}"
+    metrics.update(confused_pairs=confused_pairs(np.array(metrics["confusion_matrix"]), classes),
+                   model_name=Path(run_dir).name, source_name=where)
     files = {"metrics": out_dir / "metrics.json", "predictions": out_dir / "predictions.parquet",
-             "confusion_matrix": out_dir / "confusion_matrix.png", "curves": out_dir / "curves.png"}
+             "confusion_matrix": out_dir / "confusion_matrix.png"}
     manifest.write_atomic(predictions, files["predictions"])
     plot_confusion(np.array(metrics["confusion_matrix"]), classes, files["confusion_matrix"],
-                   f"{Path(run_dir).name}: {source} (acc {metrics['accuracy']:.3f})")
-    plot_curves(meta.get("history", []), files["curves"])
+                   f"{Path(run_dir).name} on {where}: {len(y):,} images, accuracy {metrics['accuracy']:.3f}")
+    plots = [{"file": "confusion_matrix.png", "caption": "confusion matrix: counts, shaded by share of the true class",
+              "inline": True}]
+    curves, note = _draw_curves(meta, out_dir / "curves.png")
+    metrics["curves"] = {"file": curves.name if curves else None, "note": note}
+    if curves is not None:
+        files["curves"] = curves
+        plots.append({"file": curves.name, "caption": note, "inline": False})
+    (out_dir / "pr_curve.png").unlink(missing_ok=True)
     if threshold is not None:
         files["pr_curve"] = out_dir / "pr_curve.png"
         plot_pr(y, probs[:, 1], threshold, classes[1], files["pr_curve"])
-    files["errors"] = write_errors_html(predictions, out_dir, f"{Path(run_dir).name}: misclassified in {source}")
+        plots.append({"file": "pr_curve.png", "caption": f"precision and recall of {classes[1]} vs the rest",
+                      "inline": True})
+    files["errors"] = write_errors_html(predictions, metrics, classes, out_dir,
+                                        f"{Path(run_dir).name}: evaluated on {where}", plots,
+                                        "" if curves is not None else note)
     manifest.write_json_atomic(metrics, files["metrics"])
     return EvalResult(out_dir, metrics, predictions, files)
+
+
+def _draw_curves(meta: dict, path: Path) -> tuple[Path | None, str]:
+    """Draw curves.png when the run has a curve (see `curve_kind`), else remove any earlier one; returns the file
+    (or None) and one line saying what it shows or why there is none."""
+    history, probe = meta.get("history") or [], meta.get("probe") or []
+    kind = curve_kind(history, probe)
+    if kind == "epochs":
+        plot_curves(history, path)
+        epochs = sum(r.get("stage") == "fine-tune" for r in history)
+        return path, f"loss and accuracy per fine-tune epoch ({epochs} epoch{'s' if epochs != 1 else ''})"
+    path.unlink(missing_ok=True)
+    if kind == "probe":
+        best = max(probe, key=lambda r: r.get("val_macro_f1") or 0)
+        plot_probe(probe, best.get("l2"), path)
+        return path, (f"probe-only run (no fine-tune epochs): the linear probe's val accuracy and macro-F1 per L2 "
+                      f"strength; L2 {best['l2']:g} kept")
+    return None, ("no curves.png: probe-only run (no fine-tune epochs) with a single L2 strength, so there is no "
+                  "curve to draw; its val scores are in the run's history.csv")
 
 
 def load_metrics(path: Path) -> dict:

@@ -13,9 +13,20 @@ an earlier version is adopted.
 Resumable: each row is appended to `OUT/.catalog.journal.jsonl` (flushed and synced) the moment its file is in place,
 and the journal is folded into `catalog.parquet` (atomically) at the start and end of every run. A rerun skips items
 whose row is ok and whose file still has its sha256, and retries the failed ones. Files are written as
-`.NAME.atelier-part` and renamed, so a killed run leaves no half-written image; a name already taken by different
-content gets a suffix instead of overwriting it. Written files get the user's umask permissions (hard links keep
-their source's).
+`.NAME.atelier-part` and renamed, so a killed run leaves no half-written image. Written files get the user's umask
+permissions (hard links keep their source's).
+
+Names are kept: an item with a file name at its source (`ingest folder`, `artgan`, a parquet image's `path`) lands
+as `OUT/<label>/<that name>`, and its title, id and source path are catalog columns, not part of the name. The name
+is changed only where it must be (`kept_name`): a character that cannot stand in a file name here (`/`, `\\`, NUL,
+the other control characters, a byte that is not valid UTF-8) becomes `%XX` (its bytes in hex), a leading `.`
+becomes `%2E` (no hidden files, no `..`), a name longer than `MAX_KEPT_BYTES` is cut before its extension, and a
+name without an image extension gets the one its bytes call for (`scan` -> `scan.jpg`; an existing extension is
+never doubled). Items without a file name (WikiArt, Pixiv, a parquet row without a path) are named
+`<title>__<id>.<ext>`. When two items would land on the same name, the first in listing order keeps it and the next
+ones get `~2`, `~3`, ... before the extension (`name~2.jpg`): names are handed out in listing order whatever the
+order downloads finish in, so the same source always gives the same names, and no file is ever overwritten by
+another item's.
 
 Any file name becomes a row: a name that is not valid UTF-8 is stored escaped (`curator.paths.to_text`) in
 `source_id`, with `source_id_escaped = true`; every other text column is stored as storable text, and the landed file
@@ -32,6 +43,7 @@ import stat
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +54,9 @@ from curator.atomic import atomic_path, file_mode
 from curator.errors import UsageError
 from curator.fetch import FetchError, PoliteClient
 from curator.hashing import file_sha256
-from curator.images import ReadPolicy, decode_bytes, read_source
+from curator.images import IMAGE_EXTENSIONS, ReadPolicy, decode_bytes, read_source
 from curator.manifest import SCHEMA_VERSION
-from curator.ownership import claim, marker_kind
+from curator.ownership import MARKER, claim, marker_kind
 from curator.paths import display
 
 CATALOG_NAME = "catalog.parquet"
@@ -63,6 +75,9 @@ CATALOG_SCHEMA: dict[str, pl.DataType] = {
 REQUIRED_COLUMNS = ("path", "label", "group", "source", "source_id", "sha256", "status", "error")
 STATUSES = ("ok", "failed")
 MAX_NAME_BYTES = 120
+#: At most this many UTF-8 bytes in a kept file name, `~N` suffix included, so that its part file
+#: (`.NAME.atelier-part`) still fits the 255-byte name limit of common file systems.
+MAX_KEPT_BYTES = 255 - len(".") - len(PART_SUFFIX)
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "MPO": ".jpg"}
 Event = Callable[[str, dict], None]
 
@@ -74,6 +89,8 @@ class Item:
     `source_id` is text; for a local file whose name is not valid UTF-8 it is the escaped name
     (`curator.paths.to_text`) and `escaped` is true. A local file is read through `policy` (regular files only, size
     cap, symbolic links kept inside the source folder); without one, links may not leave the file's own folder.
+    `name` is the file name the source gives the image (a local file's name, a parquet image's path); it is kept as
+    the landed name (see the module docstring), and items without one are named from title and id.
     """
 
     source: str
@@ -93,6 +110,7 @@ class Item:
     error: str | None = None  # the source already knows the item is broken (e.g. a CSV line naming no file)
     escaped: bool = False
     policy: ReadPolicy | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -128,6 +146,53 @@ def _clean_name(text: str | None, max_bytes: int) -> str:
     while len(text.encode("utf-8")) > max_bytes:
         text = text[:-1]
     return text.rstrip(" .")
+
+
+_MUST_ESCAPE = re.compile(r"[\x00-\x1f\x7f/\\\ud800-\udfff]")
+
+
+def _percent(match: re.Match) -> str:
+    """`%XX` for each byte of one character that cannot stand in a kept name (a surrogate-escaped byte as itself)."""
+    char = match.group(0)
+    if "\udc80" <= char <= "\udcff":
+        return f"%{ord(char) - 0xDC00:02X}"
+    return "".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
+
+
+def kept_name(name: str) -> str:
+    """A source's file name as ingest lands it, changed only where it must be: `/`, `\\`, NUL, the other control
+    characters and bytes that are not valid UTF-8 (surrogate-escaped, PEP 383) become `%XX`; a leading `.` becomes
+    `%2E`, so that no kept name is hidden, `.`, `..` or one of ingest's own part files. Everything else (spaces,
+    accents, `<`, `%`, case) is left alone; "" stays "" (the caller falls back to title and id)."""
+    text = _MUST_ESCAPE.sub(_percent, name)
+    return "%2E" + text[1:] if text.startswith(".") else text
+
+
+def _with_suffix(name: str, n: int) -> str:
+    """`name`, or for n > 1 `stem~n.ext`; the stem is cut (never the extension) to keep `MAX_KEPT_BYTES`."""
+    stem, ext = os.path.splitext(name)
+    tail = f"{'' if n == 1 else f'~{n}'}{ext}"
+    room = MAX_KEPT_BYTES - len(tail.encode("utf-8"))
+    while len(stem.encode("utf-8")) > room:
+        stem = stem[:-1]
+    return f"{stem}{tail}"
+
+
+def _is_variant(name: str, wanted: str) -> bool:
+    """Whether `name` is `wanted` or one of its `~N` variants (`_with_suffix`)."""
+    match = re.search(r"~(\d+)(\.[^.]*)?$", name)
+    return name == wanted or (match is not None and _with_suffix(wanted, int(match.group(1))) == name)
+
+
+def wanted_name(item: Item, ext: str) -> str:
+    """The name `item` asks for in its label folder, before any clash suffix: its kept source name (with the
+    extension its bytes call for only when the name has no image extension), else `<title>__<id><ext>`."""
+    kept = kept_name(item.name) if item.name else ""
+    if kept:
+        return kept if os.path.splitext(kept)[1].lower() in IMAGE_EXTENSIONS else f"{kept}{ext}"
+    stem = safe_name(item.title, item.source_id, MAX_NAME_BYTES - 40)
+    sid = safe_name(item.source_id, "id", 36)
+    return f"{stem if stem == sid else f'{stem}__{sid}'}{ext}"
 
 
 def _key(source: str, source_id: str, escaped: bool | None) -> tuple[str, str, bool]:
@@ -388,42 +453,98 @@ def _same_file(path: Path, sha: str, size: int) -> bool:
 
 
 class Writer:
-    """Places verified image bytes in the tree: a part file then rename; never overwrites other content."""
+    """Names and places verified image bytes in the tree: a part file then rename; never overwrites another item's
+    file.
 
-    def __init__(self, out: Path, link: bool = True):
+    Names are handed out in listing order (`seq`, 0, 1, 2, ... for the items of one run, each taking exactly one turn
+    with `place` or `skip`), so which of two clashing items gets the plain name does not depend on which download
+    finished first. Only the naming waits for its turn; the writes themselves run in parallel, each to a name no
+    other item holds. Names the catalog's rows hold are taken (by their item) from the start.
+    """
+
+    def __init__(self, out: Path, taken: Iterable[tuple[str, tuple[str, str, bool]]] = (), link: bool = True):
         self.out = Path(out)
         self.link = link
-        self._lock = threading.Lock()
+        # a file system that ignores case (and Unicode normalisation) makes `A.jpg` and `a.jpg` one file
+        self._fold = os.path.lexists(self.out / MARKER.upper()) and MARKER != MARKER.upper()
+        self._taken: dict[str, tuple[str, str, bool]] = {}
+        self._held: dict[tuple[str, str, bool], str] = {}
+        for rel, key in taken:
+            self._taken[self._fold_key(rel)] = key
+            self._held[key] = rel
+        self._next_n: dict[str, int] = {}
+        self._folders: set[str] = set()
+        self._turn = 0
+        self._cond = threading.Condition()
 
-    def place(self, item: Item, data: bytes, sha: str, ext: str, own: str | None = None,
-              link_from: Path | None = None) -> str:
-        """Write the item's file and return its path relative to OUT. `own` is the path an earlier run gave this
-        same item: the only existing file that may be replaced (its content no longer matched). `link_from`, a
-        local file whose bytes are `data`, is hard-linked instead of copied when linking is on and it still holds
-        exactly those bytes."""
+    def _fold_key(self, rel: str) -> str:
+        return unicodedata.normalize("NFD", rel).casefold() if self._fold else rel
+
+    @contextmanager
+    def _turn_of(self, seq: int) -> Iterator[None]:
+        """Run the block when every item listed before `seq` has had its turn; then let `seq + 1` go."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == seq)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._turn = seq + 1
+                self._cond.notify_all()
+
+    def skip(self, seq: int) -> None:
+        """Item `seq` lands nothing (it failed): let the next one be named."""
+        with self._turn_of(seq):
+            pass
+
+    def place(self, seq: int, item: Item, data: bytes, sha: str, ext: str, link_from: Path | None = None) -> str:
+        """Name the item's file in its turn (see `_claim`), write it, and return its path relative to OUT.
+        `link_from`, a local file whose bytes are `data`, is hard-linked instead of copied when linking is on and it
+        still holds exactly those bytes."""
+        with self._turn_of(seq):
+            rel, write = self._claim(item, sha, len(data), ext)
+        if write:
+            target = self.out / rel
+            part = target.with_name(f".{target.name}{PART_SUFFIX}")
+            self._land(part, data, sha, link_from)
+            os.replace(part, target)
+        return rel
+
+    def _claim(self, item: Item, sha: str, size: int, ext: str) -> tuple[str, bool]:
+        """(path relative to OUT, whether it must be written) for `item`: its wanted name, or the first `~N` variant
+        that no other item holds and no other content occupies. A file already there with exactly these bytes that
+        no item holds (a killed run landed it before its row was journalled) is adopted; the item's own earlier file
+        (its content changed) is replaced."""
         label = safe_name(item.label, "unlabelled")
-        stem = safe_name(item.title, item.source_id, MAX_NAME_BYTES - 40)
-        sid = safe_name(item.source_id, "id", 36)
-        base = stem if stem == sid else f"{stem}__{sid}"
         folder = self.out / label
-        with self._lock:
+        if label not in self._folders:
             if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
                 raise OSError(f"{label} in the output folder is not a folder atelier made")
             folder.mkdir(parents=True, exist_ok=True)
-            for n in range(1, 1000):
-                name = f"{base}{'' if n == 1 else f'-{n}'}{ext}"
-                target = folder / name
-                rel = target.relative_to(self.out).as_posix()
-                if os.path.lexists(target):
-                    if _same_file(target, sha, len(data)):
-                        return rel
-                    if rel != own:
-                        continue
-                part = target.with_name(f".{name}{PART_SUFFIX}")
-                self._land(part, data, sha, link_from)
-                os.replace(part, target)
-                return rel
-        raise OSError(f"no free file name for {base}{ext} in {folder}")
+            self._folders.add(label)
+        wanted = wanted_name(item, ext)
+        key, mine = _item_key(item), f"{label}/{wanted}"
+        own = self._held.get(key)
+        if own is not None and own.startswith(f"{label}/") and _is_variant(own[len(label) + 1:], wanted):
+            return own, True  # the item's own file from an earlier run, whose content no longer matched
+        n = 1
+        while True:
+            rel = f"{label}/{_with_suffix(wanted, n)}"
+            holder = self._taken.get(self._fold_key(rel))
+            if holder == key:
+                break  # this item's own name from an earlier run
+            if holder is None:
+                if not os.path.lexists(self.out / rel):
+                    break
+                if _same_file(self.out / rel, sha, size):
+                    self._taken[self._fold_key(rel)] = key
+                    self._held[key] = rel
+                    return rel, False
+            n = self._next_n.get(mine, n) + 1 if n == 1 else n + 1
+        self._next_n[mine] = n
+        self._taken[self._fold_key(rel)] = key
+        self._held[key] = rel
+        return rel, True
 
     def _land(self, part: Path, data: bytes, sha: str, link_from: Path | None) -> None:
         part.unlink(missing_ok=True)
@@ -481,38 +602,52 @@ def run_ingest(items: Iterable[Item], out: Path, client: PoliteClient | None = N
         raise UsageError(f"cannot write to --out {out}: {exc.strerror or _first_line(exc)}") from None
 
 
+def _fetch_checked(item: Item, client: PoliteClient | None) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, file extension, None) for an item whose bytes are an image the safe loader accepts, else
+    (bytes or None, None, why not)."""
+    data, error = item.data, item.error
+    if error is None:
+        try:
+            if item.local is not None:
+                data, error = _read_local(item)
+            elif data is None:
+                if client is None or not item.url:
+                    raise FetchError("no way to fetch this item")
+                data = client.get_bytes(item.url, headers=item.headers or None)
+        except FetchError as exc:
+            error = str(exc)
+    if error is not None:
+        return data, None, error
+    ext, error = check_image(data, item.url or str(item.local or item.source_id))
+    return data, ext, error
+
+
 def _ingest(items: Iterable[Item], out: Path, client: PoliteClient | None, concurrency: int, link: bool,
             emit: Event) -> IngestResult:
     catalog = Catalog(out)
-    writer = Writer(out, link)
+    writer = Writer(out, ((row["path"], key) for key, row in catalog.rows.items()
+                          if row["status"] == "ok" and row["path"]), link)
     counts = {"added": 0, "skipped": 0, "failed": 0}
     by_label: dict[str, int] = {}
     failures: dict[str, int] = {}
     lock = threading.Lock()
 
-    def handle(item: Item) -> None:
-        status, path, sha, error = "failed", None, None, item.error
-        data = item.data
+    def handle(item: Item, seq: int) -> None:
+        try:
+            data, ext, error = _fetch_checked(item, client)
+        except BaseException:
+            writer.skip(seq)  # the items listed after this one are still named
+            raise
+        status, path, sha = "failed", None, None
         if error is None:
+            sha = hashlib.sha256(data).hexdigest()
             try:
-                if item.local is not None:
-                    data, error = _read_local(item)
-                elif data is None:
-                    if client is None or not item.url:
-                        raise FetchError("no way to fetch this item")
-                    data = client.get_bytes(item.url, headers=item.headers or None)
-            except FetchError as exc:
-                error = str(exc)
-        if error is None:
-            ext, error = check_image(data, item.url or str(item.local or item.source_id))
-            if error is None:
-                sha = hashlib.sha256(data).hexdigest()
-                try:
-                    prior = catalog.rows.get(_item_key(item)) or {}
-                    path = writer.place(item, data, sha, ext, own=prior.get("path"), link_from=item.local)
-                    status = "ok"
-                except OSError as exc:
-                    error = f"cannot write: {exc.strerror or exc}"
+                path = writer.place(seq, item, data, sha, ext, link_from=item.local)
+                status = "ok"
+            except OSError as exc:
+                error = f"cannot write: {exc.strerror or exc}"
+        else:
+            writer.skip(seq)
         catalog.add(_row(item, path, sha if status == "ok" else None, status, error))
         label = storable(item.label)
         with lock:
@@ -528,13 +663,15 @@ def _ingest(items: Iterable[Item], out: Path, client: PoliteClient | None, concu
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         pending: set[Future] = set()
+        seq = 0  # listing order of the items this run lands: the order names are handed out in
         try:
             for item in _dedupe(items):
                 if catalog.done(item):
                     counts["skipped"] += 1
                     emit("item", {"status": "skipped", "label": storable(item.label), "error": None, "bytes": 0})
                     continue
-                pending.add(pool.submit(handle, item))
+                pending.add(pool.submit(handle, item, seq))
+                seq += 1
                 if len(pending) >= 4 * concurrency:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in finished:

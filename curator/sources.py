@@ -318,7 +318,8 @@ def _source_folder(root: Path, what: str) -> Path:
 
 def folder_items(root: Path, group_pattern: str | None = None, *, exclude: Iterable[Path] = (),
                  max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks: bool = False) -> Iterator[Item]:
-    """Class folders as they are: label = first folder under ROOT, group from `group_pattern` on the file name.
+    """Class folders as they are: label = first folder under ROOT, group from `group_pattern` on the file name; the
+    file's name is kept (`Item.name`), its path under ROOT is the `source_id`.
 
     Every image-looking entry becomes an item (FIFOs and sockets named like images too: they become failed rows,
     never read), and so does every symbolic link that leaves ROOT (a failed row saying where it points, unless
@@ -344,7 +345,7 @@ def _folder_listing(root: Path, pattern: re.Pattern | None, exclude: tuple[Path,
         yield Item(source="folder", source_id=rel, label=label,
                    group=(m.group(1) if m and pattern.groups else m.group(0) if m else None),
                    local=path, title=path.stem, artist=m.group(1) if m and pattern.groups else None,
-                   escaped=escaped, policy=policy)
+                   escaped=escaped, policy=policy, name=path.name)
 
 
 def read_class_names(path: Path) -> dict[str, str]:
@@ -368,8 +369,9 @@ def read_class_names(path: Path) -> dict[str, str]:
 def artgan_items(root: Path, csv_path: Path, classes: Path | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  follow_symlinks: bool = False) -> Iterator[Item]:
     """The ArtGAN WikiArt dump: CSV lines `Style/artist_title.jpg,class_id`; the artist is the file name before the
-    first `_`. A line naming a missing file, or a path that leaves the dump (`..`, absolute), becomes a failed row;
-    files are read through `local_policy(root, ...)`. CSV bytes that are not UTF-8 name files as the OS does."""
+    first `_`, the title what follows it, and the file name is kept (`Item.name`). A line naming a missing file, or
+    a path that leaves the dump (`..`, absolute), becomes a failed row; files are read through
+    `local_policy(root, ...)`. CSV bytes that are not UTF-8 name files as the OS does."""
     root, csv_path = _source_folder(root, "dump folder"), Path(csv_path)
     if not csv_path.is_file():
         raise UsageError(f"--csv {display(str(csv_path))} does not exist or is not a file")
@@ -414,12 +416,13 @@ def _artgan_item(root: Path, rel: str, class_id: str, line_no: int, names: dict[
         error = "file is missing"
     source_id, escaped = to_text(rel)
     return Item(source="artgan", source_id=source_id, label=label, group=artist, local=target, title=title,
-                artist=artist, style=label, error=error, escaped=escaped, policy=policy)
+                artist=artist, style=label, error=error, escaped=escaped, policy=policy, name=file_name)
 
 
 def parquet_items(path: Path, label_column: str = "style", image_column: str = "image") -> Iterator[Item]:
     """Hugging Face-style parquet (e.g. huggan/wikiart): image bytes plus class-id columns whose names are in the
-    file's `huggingface` metadata; read one row group at a time.
+    file's `huggingface` metadata; read one row group at a time. The file name in an image's `path` is kept
+    (`Item.name`); a row without one is named from its title and id.
 
     The columns are checked at once: the image column must hold bytes (binary, or a struct with a binary `bytes`
     field) and the label column class ids (integers) or text; anything else is a one-line `UsageError`, never a
@@ -502,7 +505,8 @@ def _parquet_batches(pf, path: Path, file_id: tuple[str, bool], label_column: st
             yield Item(source="parquet", source_id=f"{file_id[0]}:{row}", label=label, group=artist, data=blob,
                        title=os.path.splitext(name)[0] if isinstance(name, str) and name else None, artist=artist,
                        style=_cell(data, "style", i, names["style"]), genre=_cell(data, "genre", i, names["genre"]),
-                       error=error or (None if blob else "row has no image bytes"), escaped=file_id[1])
+                       error=error or (None if blob else "row has no image bytes"), escaped=file_id[1],
+                       name=name.replace("\\", "/").rsplit("/", 1)[-1] if isinstance(name, str) and name else None)
             row += 1
 
 

@@ -189,6 +189,9 @@ def test_artgan_dump_with_missing_rows(tmp_path):
     ok = cat.filter(pl.col("status") == "ok")
     assert set(ok["label"]) == {"Baroque", "Impressionism"}
     assert all(a == Path(s).name.split("_")[0] for a, s in zip(ok["artist"], ok["source_id"]))
+    # the dump's file names are kept; the title (after the artist) is a column
+    assert ok["path"].to_list() == [f"{la}/{Path(s).name}" for la, s in zip(ok["label"], ok["source_id"])]
+    assert all(Path(s).stem.split("_", 1)[1] == t for s, t in zip(ok["source_id"], ok["title"]))
 
 
 def test_parquet_huggingface_layout(tmp_path):
@@ -210,6 +213,7 @@ def test_parquet_huggingface_layout(tmp_path):
     assert cat["label"].to_list() == ["Rococo", "Baroque", "Impressionism", "Rococo"]
     assert cat["group"].to_list()[:3] == ["diego-velazquez", "claude-monet", "claude-monet"]
     assert cat["status"].to_list() == ["ok", "ok", "ok", "failed"]
+    assert cat["path"].to_list()[:3] == [f"{la}/{p.name}" for la, p in zip(cat["label"], paintings)]
     res = runner.invoke(app, ["ingest", "parquet", str(tmp_path / "train-00000.parquet"), "--out", str(out),
                               "--label-column", "nope"])
     assert res.exit_code == 2 and "label column" in res.output
@@ -637,3 +641,153 @@ def test_landed_files_follow_the_umask(tmp_path, umask, mode):
     cat = _catalog(tmp_path / "raw")
     for rel in [*cat["path"], CATALOG_NAME]:
         assert (tmp_path / "raw" / rel).stat().st_mode & 0o777 == mode, rel
+
+
+# ---------------------------------------------------------------------------------------------- issue 21: names kept
+
+
+def _sources_of(out: Path, src: Path) -> dict[str, Path]:
+    """The catalog's map of every landed file (path under OUT) to the source file it came from, checked: one row per
+    file, every file in the tree is a row's, and each file holds its source's bytes."""
+    from curator.paths import from_text
+
+    ok = _catalog(out).filter(pl.col("status") == "ok")
+    assert ok["path"].n_unique() == ok.height  # one file per item: no two rows share a landed file
+    assert sorted(ok["path"]) == _tree_files(out)
+    mapping = {row["path"]: src / from_text(row["source_id"], row["source_id_escaped"])
+               for row in ok.iter_rows(named=True)}
+    for rel, source in mapping.items():
+        assert (out / rel).read_bytes() == source.read_bytes(), rel
+    return mapping
+
+
+def test_the_samples_names_survive_ingest_folder_unchanged(tmp_path):
+    from tests.conftest import tree_checksums
+
+    before = tree_checksums(SAMPLE)
+    out = tmp_path / "raw"
+    res = runner.invoke(app, ["ingest", "folder", str(SAMPLE), "--out", str(out), "--group-pattern", r"^([^_]+)_"])
+    assert res.exit_code == 0, res.output
+    images = sorted(p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*.jpg"))
+    cat = _catalog(out)
+    assert cat.height == len(images) == 150 and (cat["status"] == "ok").all()
+    assert cat["path"].to_list() == cat["source_id"].to_list()  # OUT/<label>/<name> is the source's label/name
+    assert _tree_files(out) == images
+    assert "Rococo/william-hogarth_before-1.jpg" in images  # the name the issue saw mangled
+    assert not any("__" in p or p.endswith(".jpg.jpg") for p in cat["path"])
+    assert {rel: src.relative_to(SAMPLE).as_posix() for rel, src in _sources_of(out, SAMPLE).items()} == \
+        {p: p for p in images}
+    row = cat.filter(pl.col("path") == "Rococo/william-hogarth_before-1.jpg").row(0, named=True)
+    assert row["title"] == "william-hogarth_before-1" and row["group"] == "william-hogarth"
+    assert tree_checksums(SAMPLE) == before  # the source is never touched
+
+
+def _write_clash_tree(src: Path) -> None:
+    a, b, c = (p.read_bytes() for p in sample_paintings(3))
+    for rel, data in (("Baroque/one/x.jpg", a), ("Baroque/two/x.jpg", b), ("Baroque/x.jpg", c),
+                      ("Baroque/one/same.jpg", a), ("Baroque/two/same.jpg", a)):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+
+
+def test_a_clash_gets_a_suffix_in_listing_order_and_never_overwrites(tmp_path):
+    src = tmp_path / "src"
+    _write_clash_tree(src)
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"raw{run}"
+        res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        outs.append(out)
+    # listed in order one/, two/, then the folder's own files; the first keeps the name, the next get ~2, ~3
+    expected = {"Baroque/x.jpg": "Baroque/one/x.jpg", "Baroque/x~2.jpg": "Baroque/two/x.jpg",
+                "Baroque/x~3.jpg": "Baroque/x.jpg", "Baroque/same.jpg": "Baroque/one/same.jpg",
+                "Baroque/same~2.jpg": "Baroque/two/same.jpg"}
+    for out in outs:  # the same source gives the same names
+        mapping = _sources_of(out, src)
+        assert {rel: p.relative_to(src).as_posix() for rel, p in mapping.items()} == expected
+    # a rerun keeps them; a damaged file is written again under its own name, not a new one
+    damaged = outs[0] / "Baroque" / "x~2.jpg"
+    damaged.unlink()  # it is a hard link to the source: replace it, do not write through it
+    damaged.write_bytes(b"garbage")
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(outs[0])])
+    assert res.exit_code == 0 and "added 1, already there 4" in res.output.replace("\n", " "), res.output
+    assert {rel: p.relative_to(src).as_posix() for rel, p in _sources_of(outs[0], src).items()} == expected
+
+
+class _SlowClient:
+    """A stand-in for PoliteClient whose downloads finish in the reverse of the listing order (and one fails)."""
+
+    def __init__(self, blobs: dict[str, bytes], delays: dict[str, float]):
+        self.blobs, self.delays, self.bytes = blobs, delays, 0
+
+    def get_bytes(self, url: str, headers: dict | None = None) -> bytes:
+        from curator.fetch import FetchError
+
+        time.sleep(self.delays.get(url, 0.0))
+        if url not in self.blobs:
+            raise FetchError(f"HTTP 404 from {url}")
+        return self.blobs[url]
+
+
+def test_names_follow_the_listing_not_the_order_downloads_finish(tmp_path):
+    from curator.ingest import Item, run_ingest
+
+    paintings = [p.read_bytes() for p in sample_paintings(4)]
+    urls = [f"http://mirror/{i}.jpg" for i in range(5)]
+    blobs = {urls[0]: paintings[0], urls[1]: paintings[1], urls[3]: paintings[2], urls[4]: paintings[3]}
+    delays = {url: 0.4 - 0.1 * i for i, url in enumerate(urls)}  # the first listed finishes last
+    items = [Item(source="mirror", source_id=str(i), label="Baroque", url=url, name="study.jpg", title=f"t{i}")
+             for i, url in enumerate(urls)]
+    result = run_ingest(items, tmp_path / "raw", _SlowClient(blobs, delays), concurrency=5)
+    assert (result.added, result.failed) == (4, 1)
+    rows = {r["source_id"]: r for r in _catalog(tmp_path / "raw").iter_rows(named=True)}
+    assert {sid: r["path"] for sid, r in rows.items()} == {
+        "0": "Baroque/study.jpg", "1": "Baroque/study~2.jpg", "2": None, "3": "Baroque/study~3.jpg",
+        "4": "Baroque/study~4.jpg"}
+    assert "404" in rows["2"]["error"] and rows["3"]["title"] == "t3"  # the title is a column, not the name
+
+
+def test_kept_names_are_sanitised_only_where_they_must_be():
+    from curator.ingest import MAX_KEPT_BYTES, Item, kept_name, wanted_name
+
+    assert kept_name("william-hogarth_before-1.jpg") == "william-hogarth_before-1.jpg"
+    assert kept_name("名前 with space <b>&'50%'.JPEG") == "名前 with space <b>&'50%'.JPEG"  # legal: left alone
+    assert kept_name("a/b\\c.jpg") == "a%2Fb%5Cc.jpg"
+    assert kept_name("nul\x00line\nbreak\x7f.png") == "nul%00line%0Abreak%7F.png"
+    assert kept_name(_fsname(b"caf\xe9.jpg")) == "caf%E9.jpg"  # a byte that is not UTF-8, as itself
+    assert kept_name(".hidden.jpg") == "%2Ehidden.jpg" and kept_name("..") == "%2E."
+    assert kept_name(f".x.jpg{PART_SUFFIX}").startswith("%2E")  # never mistaken for a part file
+    item = Item(source="s", source_id="Baroque/scan", label="Baroque", name="scan")
+    assert wanted_name(item, ".png") == "scan.png"  # no image extension: the one its bytes call for
+    item.name = "photo.jpeg"
+    assert wanted_name(item, ".jpg") == "photo.jpeg"  # an image extension is kept, never doubled
+    item.name = "notes.txt"
+    assert wanted_name(item, ".jpg") == "notes.txt.jpg"
+    item.name, item.title, item.source_id = None, "Sunrise", "1001"
+    assert wanted_name(item, ".jpg") == "Sunrise__1001.jpg"  # no source file name: title and id
+    item.name = "é" * 200 + ".jpg"
+    assert wanted_name(item, ".jpg") == item.name  # cut only where a name must be cut: at landing
+    assert MAX_KEPT_BYTES + len(PART_SUFFIX) + 1 == 255
+
+
+def test_odd_names_land_the_documented_way(tmp_path):
+    src = tmp_path / "src"
+    (src / "Baroque").mkdir(parents=True)
+    a, b, c, d = (p.read_bytes() for p in sample_paintings(4))
+    files = {"line\nbreak.jpg": a, _fsname(b"caf\xe9 & <b>.jpg"): b, ".hidden.jpg": c, "scan": d,
+             "UPPER.JPEG": a, "e" * 250 + ".jpg": b, "é" * 120 + ".png": c}
+    for name, data in files.items():
+        (src / "Baroque" / name).write_bytes(data)
+    out = tmp_path / "raw"
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    mapping = {rel.split("/", 1)[1]: p.name for rel, p in _sources_of(out, src).items()}
+    long_e = "e" * (241 - 4) + ".jpg"
+    long_png = "é" * 118 + ".png"  # 240 bytes: a character is never cut in half
+    assert mapping == {"line%0Abreak.jpg": "line\nbreak.jpg", "caf%E9 & <b>.jpg": _fsname(b"caf\xe9 & <b>.jpg"),
+                       "%2Ehidden.jpg": ".hidden.jpg", "scan.jpg": "scan", "UPPER.JPEG": "UPPER.JPEG",
+                       long_e: "e" * 250 + ".jpg", long_png: "é" * 120 + ".png"}
+    assert all(len(name.encode()) <= 241 for name in mapping)
+    res = runner.invoke(app, ["ingest", "folder", str(src), "--out", str(out)])
+    assert res.exit_code == 0 and "added 0, already there 7" in res.output.replace("\n", " "), res.output
