@@ -1,22 +1,28 @@
-"""What training reads: the split table of a curated workspace, and the images' pixels decoded once.
+"""What training reads: the split table of a curated workspace, and the images' pixels.
 
-A training run decodes each image once into the square of the model's preprocessing (`Preprocess.square`: the short
-side resized with the model's interpolation, the centre kept: exactly the region the eval transform crops from) and
-appends it to a pixel cache in the workspace, keyed by the file's sha256. The cache itself is keyed by the
-preprocessing (`Preprocess.key`), so squares made another way are never read. Epochs, reruns and other settings read
-pixels from that memory-mapped file; nothing is decoded twice, and RAM stays bounded by the page cache rather than by
-the size of the dataset.
+Two ways to the pixels of an image, both giving `Preprocess.square` (the short side resized with the model's
+interpolation, the centre kept: exactly the region the eval transform crops from):
+- the pixel cache: each image decoded once into a square appended to a store in the workspace, keyed by the file's
+  sha256 and named by the preprocessing (`Preprocess.key`), so squares made another way are never read. Epochs,
+  reruns and other settings read that memory-mapped file; RAM stays bounded by the page cache. It costs
+  `pixel_record_bytes` per image on disk (255,828 bytes at Lite2's 292-pixel square: 26 GB per 100,000 images), so
+  `classify train` fills it only when stage 2 runs and the images fit its budget;
+- `StreamedBatches`: the files decoded on the fly through the batched data plane (`curator.dataplane`, the loader
+  `classify dir` and `curator clean` use), batch by batch, in an order drawn for each pass: nothing is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -29,6 +35,11 @@ from curator.images import ReadPolicy, decode_bytes, looks_like_image, read_imag
 from curator.paths import from_text, relative_text, to_text
 from curator.preprocess import Preprocess
 from curator.store import RecordStore, set_aside, sha_array
+
+if TYPE_CHECKING:
+    import torch
+
+    from curator.dataplane import Context, Item
 
 SPLITS = ("train", "val", "test")
 ProgressFn = Callable[[int], None]
@@ -149,8 +160,7 @@ class PixelCache:
         self.preprocess = preprocess
         self.side = side = preprocess.resize
         self.record = np.dtype([("sha", "u1", (32,)), ("crc", "<u4"), ("pix", "u1", (side, side, 3))])
-        digest = hashlib.sha256(preprocess.key().encode()).hexdigest()[:12]
-        self.path = Path(directory) / f"pixels-{side}-{digest}.u8"
+        self.path = pixel_cache_path(directory, preprocess)
         self.meta_path = self.path.with_suffix(".json")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.warnings: list[str] = []
@@ -235,6 +245,12 @@ class PixelCache:
         return self._store.records["pix"][row]
 
 
+def pixel_cache_path(directory: Path, preprocess: Preprocess) -> Path:
+    """The records file of the pixel cache for this preprocessing in `directory` (which need not exist)."""
+    digest = hashlib.sha256(preprocess.key().encode()).hexdigest()[:12]
+    return Path(directory) / f"pixels-{preprocess.resize}-{digest}.u8"
+
+
 def _record_crc(sha: np.ndarray, pix: np.ndarray) -> int:
     """CRC-32 of a pixel-cache record's sha256 bytes followed by its pixels."""
     return zlib.crc32(np.ascontiguousarray(pix), zlib.crc32(np.ascontiguousarray(sha)))
@@ -251,6 +267,22 @@ def square_pixels(path: Path, preprocess: Preprocess,
     return preprocess.square(decoded.image), None
 
 
+def checked_square(path: str, sha: str, preprocess: Preprocess) -> tuple[np.ndarray | None, str | None]:
+    """`preprocess.square` of the file at `path`, read through `read_source` and checked against the sha256 that
+    `curator clean` recorded; or why not (missing, unreadable, changed since, not decodable)."""
+    if not os.path.lexists(path):
+        return None, "file is missing"
+    data, row = read_source(Path(path))
+    if row is not None:
+        return None, row.info.reason or row.info.status
+    if hashlib.sha256(data).hexdigest() != sha:
+        return None, "file changed since `curator clean` (sha256 differs)"
+    try:
+        return square_pixels(Path(path), preprocess, data)
+    except (OSError, ValueError) as exc:
+        return None, f"cannot preprocess: {exc}"
+
+
 class _SquareDataset:
     def __init__(self, items: Sequence[tuple[str, str]], preprocess: Preprocess):
         self.items = list(items)
@@ -261,14 +293,7 @@ class _SquareDataset:
 
     def __getitem__(self, i: int):
         path, sha = self.items[i]
-        if not os.path.lexists(path):
-            return i, sha, None, "file is missing"
-        data, row = read_source(Path(path))
-        if row is not None:
-            return i, sha, None, row.info.reason or row.info.status
-        if hashlib.sha256(data).hexdigest() != sha:
-            return i, sha, None, "file changed since `curator clean` (sha256 differs)"
-        pixels, reason = square_pixels(Path(path), self.preprocess, data)
+        pixels, reason = checked_square(path, sha, self.preprocess)
         return i, sha, pixels, reason
 
 
@@ -302,3 +327,99 @@ def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], worker
             progress(len(batch))
     cache.flush()
     return failures
+
+
+def pixel_record_bytes(preprocess: Preprocess) -> int:
+    """Bytes one image takes in the pixel cache of this preprocessing (sha256, CRC, resize x resize x 3 square)."""
+    return 32 + 4 + preprocess.resize * preprocess.resize * 3
+
+
+#: (square uint8 HWC, seed) to the model's input, uint8 CHW: a training augmentation that draws its randomness from
+#: `seed` alone (so a batch's crops do not depend on which process made them, or in what order)
+Augment = Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class FileWork:
+    """The data plane's per-file work for training: input (position, seed) names `items[position]`, a (path, sha256)
+    pair; output `Item((position, sha256, reason or None), pixels)`. The file is read and checked by
+    `checked_square`; the pixels are the model's centre crop of the square, or `augment(square, seed)`."""
+
+    items: Sequence[tuple[str, str]]
+    preprocess: Preprocess
+    augment: Augment | None = None
+
+    def __call__(self, x: tuple[int, int], ctx: Context) -> Item:
+        from curator.dataplane import Item
+
+        position, seed = x
+        path, sha = self.items[position]
+        square, reason = checked_square(path, sha, self.preprocess)
+        if square is None:
+            return Item((position, sha, reason))
+        if self.augment is None:
+            return Item((position, sha, None), self.preprocess.crop_square(square))
+        return Item((position, sha, None), np.ascontiguousarray(self.augment(square, seed), dtype=np.uint8))
+
+
+@dataclass
+class StreamedBatches:
+    """Batches of `items` ((path, sha256) pairs) decoded on the fly through the data plane, for when the pixel cache
+    would be too large: each pass yields (uint8 pixels (n, 3, crop, crop) on `device`, int64 positions into
+    `items`), decoding every file again; nothing is written.
+
+    A pass takes the positions `order()` gives (default: every item, in order; e.g. a sampler's draw, so that each
+    epoch is shuffled by the caller's `torch.Generator`), in batches of `batch_size` (the last, short one dropped
+    when `drop_last`). With `augment`, each row also gets a seed drawn from `generator`, and its pixels are
+    `augment(square, seed)`: the same crops whatever the number of `workers`. A file that cannot be read (missing,
+    changed since `curator clean`, undecodable) is left out of its batch and recorded in `failures`
+    ({sha256: reason}); a batch left with fewer than `min_rows` rows is not yielded (batch norm cannot train on one).
+    """
+
+    items: Sequence[tuple[str, str]]
+    preprocess: Preprocess
+    batch_size: int
+    device: Any = "cpu"
+    workers: int = 0
+    augment: Augment | None = None
+    order: Callable[[], Sequence[int]] | None = None
+    generator: torch.Generator | None = None
+    drop_last: bool = False
+    min_rows: int = 1
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        """Batches per pass (when `order` gives as many positions as there are items, as a sampler does)."""
+        n = len(self.items)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _chunks(self) -> list[list[tuple[int, int]]]:
+        """This pass's (position, seed) inputs in batches."""
+        import torch
+
+        from curator.dataplane import chunked
+
+        positions = [int(i) for i in (self.order() if self.order is not None else range(len(self.items)))]
+        if self.augment is not None:
+            seeds = torch.randint(0, 2**62, (len(positions),), generator=self.generator).tolist()
+        else:
+            seeds = [0] * len(positions)
+        chunks = list(chunked(zip(positions, seeds), self.batch_size))
+        if self.drop_last and chunks and len(chunks[-1]) < self.batch_size:
+            chunks.pop()
+        return chunks
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        from curator.dataplane import DataPlane
+
+        crop = self.preprocess.crop
+        plane = DataPlane(partial(iter, self._chunks()), FileWork(self.items, self.preprocess, self.augment),
+                          (3, crop, crop), device=self.device, workers=self.workers)
+        for ready in plane:
+            self.failures.update({sha: reason for _, sha, reason in ready.meta if reason is not None})
+            if len(ready.positions) < self.min_rows:
+                continue
+            rows = torch.tensor([ready.meta[p][0] for p in ready.positions], dtype=torch.int64)
+            yield ready.pixels, rows

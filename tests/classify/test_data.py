@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from classify.data import PixelCache, fill_pixel_cache, read_split_table, square_pixels
 from curator.errors import UsageError
@@ -135,3 +136,64 @@ def test_the_cache_stores_the_preprocessing_square_and_is_keyed_by_it(tmp_path):
     assert not np.array_equal(other.pixels(int(other.rows([items[0][1]])[0])), stored)  # interpolation shows
     assert json.loads(other.meta_path.read_text())["preprocess"] == bilinear.key()
     assert len(PixelCache(tmp_path, PRE)) == 2 and legacy.read_bytes() == b"\x07" * 1000
+
+
+def _shift(square: np.ndarray, seed: int) -> np.ndarray:
+    """A toy augmentation: the centre crop, rolled by an amount the seed decides (picklable, for worker processes)."""
+    return np.roll(PRE.crop_square(square), seed % 7, axis=2)
+
+
+def test_streamed_batches_give_the_centre_crops_in_the_order_asked_and_write_nothing(tmp_path):
+    from classify.data import StreamedBatches
+    from curator.images import read_image
+
+    items = _items(5)
+    batches = StreamedBatches(items, PRE, batch_size=2, order=lambda: [4, 0, 3, 1, 2])
+    got = list(batches)
+    assert [len(rows) for _, rows in got] == [2, 2, 1] and len(batches) == 3
+    assert [int(i) for _, rows in got for i in rows] == [4, 0, 3, 1, 2]
+    for pixels, rows in got:
+        assert pixels.dtype == torch.uint8 and pixels.shape[1:] == (3, 56, 56)
+        for crop, i in zip(pixels, rows.tolist()):
+            expected = PRE.pixels(read_image(Path(items[i][0]), PRE.draft_size).image)
+            assert np.array_equal(crop.numpy(), expected)
+    assert batches.failures == {} and list(tmp_path.iterdir()) == []
+    dropped = StreamedBatches(items, PRE, batch_size=2, drop_last=True)
+    assert [len(rows) for _, rows in dropped] == [2, 2] and len(dropped) == 2
+
+
+def test_streamed_batches_leave_out_missing_and_changed_files_and_say_why(tmp_path):
+    from classify.data import StreamedBatches
+
+    items = _items(4)
+    changed = tmp_path / "changed.jpg"
+    changed.write_bytes(Path(items[2][0]).read_bytes()[:-10] + b"0123456789")
+    broken = [items[0], (str(tmp_path / "gone.jpg"), items[1][1]), (str(changed), items[2][1]), items[3]]
+    batches = StreamedBatches(broken, PRE, batch_size=4)
+    (pixels, rows), = list(batches)
+    assert rows.tolist() == [0, 3] and len(pixels) == 2
+    assert batches.failures[items[1][1]] == "file is missing" and "changed" in batches.failures[items[2][1]]
+    assert list(StreamedBatches(broken, PRE, batch_size=2, min_rows=2)) == []  # no batch keeps two rows
+
+
+def test_streamed_augmentation_is_seeded_per_row_from_the_generator_whatever_the_workers(tmp_path):
+    from classify.data import StreamedBatches
+
+    items = _items(6)
+
+    def run(workers: int) -> tuple[list[int], np.ndarray]:
+        generator = torch.Generator().manual_seed(5)
+        batches = StreamedBatches(items, PRE, batch_size=4, workers=workers, augment=_shift, generator=generator,
+                                  order=lambda: torch.randperm(len(items), generator=generator).tolist())
+        rows, crops = [], []
+        for pixels, positions in batches:
+            rows += positions.tolist()
+            crops.append(pixels.numpy())
+        return rows, np.concatenate(crops)
+
+    rows0, crops0 = run(0)
+    rows1, crops1 = run(1)
+    assert rows0 == rows1 and sorted(rows0) == list(range(6)) and rows0 != list(range(6))
+    assert np.array_equal(crops0, crops1)
+    centre = np.stack([PRE.crop_square(square_pixels(Path(items[i][0]), PRE)[0]) for i in rows0])
+    assert not np.array_equal(crops0, centre)  # the augmentation ran (some seed % 7 is not 0)

@@ -45,6 +45,15 @@ def test_train_writes_a_checkpoint_with_class_names_and_history(run, sample_ws):
         sample_ws / "splits.parquet").rows("val"))
     assert any(k == "epoch" for k, _ in events) and any(k == "advance" for k, _ in events)
     assert set(result.timings) >= {"decode to pixel cache", "stage 1 probe", "stage 2 fine-tune", "total"}
+    # within the default pixel-cache budget, stage 2 decoded every train and val image once into the cache
+    assert meta["data"]["stage 2"] == "pixel cache" and meta["data"]["val"] == "pixel cache"
+    assert [r["data"] for r in meta["history"]] == ["embeddings", "pixel cache"]
+    from classify.data import PixelCache
+    from curator.backbones import load_backbone
+
+    table = read_split_table(sample_ws / "splits.parquet")
+    cache = PixelCache(sample_ws / "cache" / "pixels", load_backbone("efficientnet_lite0", pretrained=False).preprocess)
+    assert all(sha in cache for sha in table.frame.filter(pl.col("split") != "test")["sha256"].to_list())
 
 
 def test_probe_beats_chance_on_real_paintings(run):
@@ -236,7 +245,8 @@ def test_gradient_reversal_flips_and_scales_the_gradient():
 
 
 @pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(dropout=1.5), dict(weight_decay=float("inf")),
-                                 dict(label_smoothing=-0.1), dict(probe_l2=(float("nan"),)), dict(workers=-1)])
+                                 dict(label_smoothing=-0.1), dict(probe_l2=(float("nan"),)), dict(workers=-1),
+                                 dict(pixel_cache_max_gb=-1.0), dict(pixel_cache_max_gb=float("nan"))])
 def test_nan_and_out_of_range_settings_are_refused(bad):
     with pytest.raises(UsageError) as err:
         TrainSettings(**bad)
