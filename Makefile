@@ -9,7 +9,7 @@ WORKSPACE ?= demo/curated
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,serve]'
+	$(PY) -m pip install -q -e '.[test,serve,ray]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -10,6 +10,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from classify.serve import DEFAULT_MAX_BATCH as SERVE_MAX_BATCH
+from classify.serve import DEFAULT_MAX_BYTES as SERVE_MAX_BYTES
+from classify.serve import DEFAULT_MAX_WAIT_MS as SERVE_MAX_WAIT_MS
+from classify.serve import DEFAULT_PORT as SERVE_PORT
 from curator.cli import fail, progress_bar
 from curator.errors import AtelierError
 
@@ -123,6 +127,11 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16.")] = "auto",
     workers: Annotated[int | None, typer.Option(help="Decode/augmentation worker processes.")] = None,
+    pixel_cache_max_gb: Annotated[float, typer.Option(help="Stage 2 decodes each image once into a pixel cache in "
+                                                           "the workspace while the images it reads take at most "
+                                                           "this many GB there (Lite2: 0.26 MB per image); above "
+                                                           "it, every epoch decodes on the fly. A probe-only run "
+                                                           "writes no pixel cache.")] = 32.0,
 ) -> None:
     """Train a classifier: a linear probe on the cached embeddings (seconds); with --epochs N, then fine-tune the
     last blocks.
@@ -140,7 +149,7 @@ def train(
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout,
             balance=balance, patience=patience, tta=tta, positive=positive, positive_column=positive_column,
             min_precision=min_precision, target_dir=str(target_dir) if target_dir else None, seed=seed,
-            device=device, dtype=dtype, workers=workers)
+            device=device, dtype=dtype, workers=workers, pixel_cache_max_gb=pixel_cache_max_gb)
         with progress_bar() as bar:
             result = run_train(splits, out, settings, EpochDisplay(bar))
     except AtelierError as exc:
@@ -233,37 +242,115 @@ def classify_directory(
     = 1 << 30,
     follow_symlinks: Annotated[bool, typer.Option(help="Read symbolic links that lead outside DIRECTORY (by default "
                                                        "each gets a row saying where it points).")] = False,
+    engine: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster, with Ray Data; needs "
+                                             "pip install 'atelier[ray]'). Same rows either way.")] = "local",
+    address: Annotated[str | None, typer.Option(help="--engine ray: the cluster, auto, ray://HOST:PORT or HOST:PORT "
+                                                     "(default: RAY_ADDRESS, as under `ray job submit`, else a local "
+                                                     "Ray on this machine).")] = None,
+    num_gpus_per_worker: Annotated[float | None, typer.Option(help="--engine ray: GPUs per model actor (default 1 "
+                                                                   "when the cluster has GPUs, else 0).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="--engine ray: model actors (default one per GPU, or half "
+                                                         "the CPUs on a cluster without GPUs).")] = None,
 ) -> None:
     """Classify every file under DIRECTORY into a Parquet file: label, confidence, top-k, error per file.
 
     Streaming with bounded memory; rows are flushed every 2,048 files into OUT.parts, so an interrupted run keeps
     them and --resume finishes the rest with no row lost or repeated (only a run with the same folder, model and
-    options). FIFOs, devices, oversized files and links leaving DIRECTORY become rows without being read.
+    options). FIFOs, devices, oversized files and links leaving DIRECTORY become rows without being read. With
+    --engine ray the files are decoded in Ray tasks and classified by a pool of model actors (one per GPU), each
+    2,048-file shard written to OUT.parts as it finishes; DIRECTORY and OUT must be at the same path on every node.
     """
     from classify.predict import PredictSettings, classify_dir
     from curator.paths import display
+    from curator.ray_embed import engine_settings
 
     try:
+        ray_settings = engine_settings(engine, address, num_gpus_per_worker, concurrency)
         settings = PredictSettings(
             model=str(model) if model else None, backbone=backbone, weights=str(weights) if weights else None,
             top_k=top_k, batch_size=batch_size, workers=workers, device=device, dtype=dtype, embeddings=embeddings,
             resume=resume, compile=compile, max_bytes=max_bytes, follow_symlinks=follow_symlinks,
             gpu_decode=gpu_decode)
         with progress_bar() as bar:
-            result = classify_dir(directory, out, settings, EpochDisplay(bar))
+            if ray_settings is None:
+                result = classify_dir(directory, out, settings, EpochDisplay(bar))
+            else:
+                from classify.ray_engine import classify_dir_ray
+
+                result = classify_dir_ray(directory, out, settings, ray_settings, EpochDisplay(bar))
     except AtelierError as exc:
         raise fail(exc) from None
     table = Table(title="classify dir")
-    for column in ("files", "classified", "errors", "resumed", "images/s", "device", "bound by"):
+    columns = ("files", "classified", "errors", "resumed", "images/s", "device")
+    for column in (*columns, *(() if ray_settings else ("bound by",))):
         table.add_column(column, justify="right")
-    table.add_row(str(result.files), str(result.predicted), str(result.errors), str(result.resumed_rows),
-                  f"{result.images_per_second:.1f}", f"{result.runtime.device} {result.runtime.dtype}",
-                  f"{result.bound} ({result.wait_share:.0%} waiting for data)")
+    cells = [str(result.files), str(result.predicted), str(result.errors), str(result.resumed_rows),
+             f"{result.images_per_second:.1f}", f"{result.runtime.device} {result.runtime.dtype}"]
+    table.add_row(*cells, *(() if ray_settings else (f"{result.bound} ({result.wait_share:.0%} waiting for data)",)))
     console.print(table)
-    console.print(f"batch {result.batch_size}, {result.workers} decode workers, {result.device_jpegs} JPEGs decoded "
-                  f"on the GPU; the model waited {result.wait_seconds:.1f} s of {result.seconds:.1f} s for data")
+    if ray_settings is None:
+        console.print(f"batch {result.batch_size}, {result.workers} decode workers, {result.device_jpegs} JPEGs "
+                      f"decoded on the GPU; the model waited {result.wait_seconds:.1f} s of {result.seconds:.1f} s "
+                      f"for data")
+    elif result.plan is not None:
+        console.print(f"engine ray: {result.plan.concurrency} model actors ({result.plan.num_gpus:g} GPU each), "
+                      f"batch {result.batch_size}, {result.shards} shards of up to {result.shard_size} files, "
+                      f"{result.seconds:.1f} s")
     console.print(f"model: {escape(result.model)}")
     console.print(f"predictions: {escape(display(str(result.out)))}")
+
+
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help="Run folder of `classify train` (default: the backbone's "
+                                                    "ImageNet-1k classes).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface, as in a container).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = SERVE_PORT,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_bytes: Annotated[int, typer.Option(help="Largest upload, in bytes; a larger file gets a 413 with a JSON "
+                                                "error.")] = SERVE_MAX_BYTES,
+    max_batch: Annotated[int, typer.Option(help="Most images in one forward pass (1: no micro-batching).")]
+    = SERVE_MAX_BATCH,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the first request of a batch waits for others, in "
+                                                    "milliseconds.")] = SERVE_MAX_WAIT_MS,
+) -> None:
+    """Serve the model over HTTP: POST /predict and /similar, GET /model and /health, a web page at /.
+
+    Predictions go through the same loading, preprocessing and ranking as `classify dir`, so a served prediction
+    equals the batch one. Concurrent requests share forward passes (micro-batching); bad uploads get a 4xx with a
+    JSON error. Needs the serve extra: pip install 'atelier[serve]'.
+    """
+    from classify.serve import require_extra
+    from curator.errors import UsageError
+
+    try:
+        require_extra()
+        from classify.serve.app import bind
+        from classify.serve.app import serve as run_server
+        from classify.serve.engine import Engine, ServeSettings
+
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--port must be 0 to 65535, got {port}")
+        settings = ServeSettings(model=str(model) if model else None, device=device, max_bytes=max_bytes,
+                                 max_batch=max_batch, max_wait_ms=max_wait_ms)
+        sock = bind(host, port)  # before the model loads, so that a port in use is said at once
+        try:
+            engine = Engine.load(settings)
+        except BaseException:
+            sock.close()
+            raise
+    except AtelierError as exc:
+        raise fail(exc) from None
+    similar = engine.similar.card()
+    where = (f"{similar['images']} training images" if similar["available"] else f"unavailable ({similar['reason']})")
+    bound = sock.getsockname()
+    console.print(f"serving {escape(engine.predictor.name)} on http://{escape(host)}:{bound[1]} "
+                  f"({engine.runtime.device} {engine.runtime.dtype}); similar images: {escape(where)}", highlight=False,
+                  soft_wrap=True)
+    console.print(f"page: http://{escape(host)}:{bound[1]}/  API docs: /docs  (Ctrl-C stops)", highlight=False)
+    stopped_by = run_server(engine, sock)
+    console.print(f"stopped{f' ({stopped_by})' if stopped_by else ''}", highlight=False)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,8 @@ from curator.dataplane import (Context, DataPlane, Item, PlaneStats, Ready, chun
                                decode_routed, default_batch_size)
 from curator.embed import forward_features, pixel_scale
 from curator.errors import UsageError
-from curator.images import DEFAULT_MAX_BYTES, ReadPolicy, iter_files, read_source
+from curator.images import (DEFAULT_MAX_BYTES, STATUS_CORRUPT, Decoded, ReadPolicy, decode_bytes, iter_files,
+                            read_source)
 from curator.ownership import MARKER, claim, marker_kind
 from curator.paths import display, relative_text
 from curator.preprocess import Preprocess
@@ -221,12 +222,30 @@ class _DirWork:
         decoded = decode_routed(path, data, self.preprocess, ctx)
         if decoded is None:
             return Item((rel, None), jpeg=data)
-        if not decoded.info.ok:
-            return Item((rel, decoded.info.reason or decoded.info.status))
-        try:
-            return Item((rel, None), self.preprocess.pixels(decoded.image))
-        except (OSError, ValueError) as exc:
-            return Item((rel, f"cannot preprocess: {exc}"))
+        pixels, error = pixels_of(decoded, self.preprocess)
+        return Item((rel, error), pixels)
+
+
+def pixels_of(decoded: Decoded, preprocess: Preprocess) -> tuple[np.ndarray | None, str | None]:
+    """The model's uint8 CHW input for a file the safe loader judged, or None and the reason it has none."""
+    if not decoded.info.ok:
+        return None, decoded.info.reason or decoded.info.status
+    try:
+        return preprocess.pixels(decoded.image), None
+    except (OSError, ValueError) as exc:
+        return None, f"cannot preprocess: {exc}"
+
+
+def image_pixels(name: Path, data: bytes, preprocess: Preprocess) -> tuple[np.ndarray | None, Decoded]:
+    """Bytes already in memory (an upload) to the model's input the way `classify dir` makes it on the CPU: the safe
+    loader's checks and decode (`decode_bytes`, JPEGs drafted to the preprocessing's size), then `preprocess`.
+    Returns the pixels (None when there are none) and the loader's verdict; a preprocessing failure becomes a corrupt
+    verdict with the same reason `classify dir` writes."""
+    decoded = decode_bytes(Path(name), data, preprocess.draft_size)
+    pixels, error = pixels_of(decoded, preprocess)
+    if pixels is None and decoded.info.ok:
+        decoded = Decoded(replace(decoded.info, status=STATUS_CORRUPT, reason=error), None)
+    return pixels, decoded
 
 
 def parts_folder(out: Path) -> Path:
@@ -287,9 +306,11 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def fingerprint(root: Path, settings: PredictSettings) -> dict:
+def fingerprint(root: Path, settings: PredictSettings, engine: str = "local") -> dict:
     """What decides a run's rows: the folder, the model (a run folder and the hashes of its files, or a backbone and
-    its weights file) and every option that changes rows. `resume` never mixes parts of another fingerprint."""
+    its weights file) and every option that changes rows. `resume` never mixes parts of another fingerprint. Another
+    `engine` than the local one (`classify.ray_engine`) is recorded too: its parts are numbered by shard, not by
+    flush, so neither engine may continue the other's."""
     if settings.model:
         from classify.checkpoint import META_NAME, WEIGHTS_NAME
 
@@ -299,9 +320,12 @@ def fingerprint(root: Path, settings: PredictSettings) -> dict:
     else:
         model = {"backbone": settings.backbone,
                  "weights_sha256": _sha256(Path(settings.weights)) if settings.weights else None}
-    return {"root": _show(os.path.realpath(root)), "model": model, "top_k": settings.top_k,
-            "embeddings": settings.embeddings, "max_bytes": settings.max_bytes,
-            "follow_symlinks": settings.follow_symlinks}
+    fp = {"root": _show(os.path.realpath(root)), "model": model, "top_k": settings.top_k,
+          "embeddings": settings.embeddings, "max_bytes": settings.max_bytes,
+          "follow_symlinks": settings.follow_symlinks}
+    if engine != "local":
+        fp["engine"] = engine
+    return fp
 
 
 def _check_paths(root: Path, out: Path) -> None:
@@ -331,7 +355,8 @@ def _atelier_meta(out: Path) -> dict | None:
 
 def _mismatch(stored: object, fp: dict, where: Path) -> UsageError:
     stored = stored if isinstance(stored, dict) else {}
-    differ = ", ".join(key for key in fp if stored.get(key) != fp[key]) or "format"
+    keys = [*fp, *(key for key in stored if key not in fp)]  # e.g. "engine": only another engine's runs record it
+    differ = ", ".join(key for key in keys if stored.get(key) != fp.get(key)) or "format"
     return UsageError(f"{_show(where)} was made by another run (different {differ}); rerun with the same folder, "
                       f"model and options, or choose another --out")
 
@@ -411,6 +436,20 @@ def _read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[tuple[s
     return files, done, rows
 
 
+def write_part(table: pa.Table, target: Path) -> None:
+    """Write one part file atomically; a failure (a full disk) is one line saying the rows so far are kept."""
+    try:
+        _write_atomic_table(table, target)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
+
+
+def output_meta(root: Path, predictor: Predictor, runtime: Runtime, k: int, fp: dict) -> dict:
+    """The `atelier` metadata of a predictions file: the folder, model, runtime, top-k and the run's fingerprint."""
+    return {"root": _show(Path(root).resolve()), "model": predictor.name, "classes": len(predictor.classes),
+            "runtime": {"device": runtime.device, "dtype": runtime.dtype}, "top_k": k, "fingerprint": fp}
+
+
 def _join_parts(files: list[Path], out: Path, schema: pa.Schema, meta: dict) -> None:
     """Stream the parts into one Parquet file (one part in memory at a time), atomically."""
     try:
@@ -456,18 +495,47 @@ class _Outputs:
         return [t.numpy() for t in self.tensors]
 
 
+def _ranked(predictor: Predictor, probs: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Per image: the label's class index (a one-vs-rest model's follows its decision threshold, others the argmax),
+    its probability, and the top `k` class indices and their probabilities."""
+    if predictor.threshold is not None:
+        top1 = (probs[:, 1] >= predictor.threshold).long()
+    else:
+        top1 = probs.argmax(1)
+    scores, idx = probs.topk(k, dim=1)
+    return [top1.int(), probs.gather(1, top1[:, None])[:, 0], idx.int(), scores]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer, as `classify dir` writes it in a row: label, confidence, top-k (label, score) pairs."""
+
+    label: str
+    confidence: float
+    topk: list[tuple[str, float]]
+
+
+def predict_pixels(predictor: Predictor, pixels: torch.Tensor, runtime: Runtime, k: int,
+                   features: bool = False) -> tuple[list[Prediction], np.ndarray | None]:
+    """Predictions for a uint8 batch (n, 3, crop, crop) on the model's device: the same forward pass and ranking as
+    `classify dir`'s, for callers that hold decoded images rather than a folder (`classify serve`). With `features`,
+    also the embeddings (n, `embedding_width`) as float32."""
+    k = min(k, len(predictor.classes))
+    probs, feats = predictor(pixels, runtime, features=features)
+    top1, conf, idx, scores = (t.cpu().numpy() for t in _ranked(predictor, probs, k))
+    names = predictor.classes
+    out = [Prediction(names[int(top1[i])], float(conf[i]),
+                      [(names[int(j)], float(s)) for j, s in zip(idx[i], scores[i])]) for i in range(len(top1))]
+    return out, feats.cpu().numpy() if features else None
+
+
 def _launch(predictor: Predictor, ready: Ready, runtime: Runtime, k: int, embeddings: bool) -> _Outputs:
     """Run the model on a ready batch and start copying what the rows need to the CPU (asynchronously on CUDA, so
     that the next batch is launched before this one's rows are built)."""
     if len(ready.pixels) == 0:
         return _Outputs(ready.meta, ready.positions, [])
     probs, feats = predictor(ready.pixels, runtime, features=embeddings)
-    if predictor.threshold is not None:  # one-vs-rest: the label follows the model's decision threshold
-        top1 = (probs[:, 1] >= predictor.threshold).long()
-    else:
-        top1 = probs.argmax(1)
-    scores, idx = probs.topk(k, dim=1)
-    tensors = [top1.int(), probs.gather(1, top1[:, None])[:, 0], idx.int(), scores, *([feats] if embeddings else [])]
+    tensors = [*_ranked(predictor, probs, k), *([feats] if embeddings else [])]
     if ready.pixels.device.type != "cuda":
         return _Outputs(ready.meta, ready.positions, tensors)
     host = [t.to("cpu", non_blocking=True) for t in tensors]
@@ -537,8 +605,14 @@ def _device_jpegs(setting: bool | None, runtime: Runtime) -> bool:
 
 def _load_predictor(settings: PredictSettings, runtime: Runtime, emit: Event) -> Predictor:
     """The model on the runtime's device, compiled when asked and possible."""
-    predictor = Predictor(settings).to(torch.device(runtime.device))
-    if settings.compile:
+    return place_predictor(Predictor(settings), runtime, settings.compile, emit)
+
+
+def place_predictor(predictor: Predictor, runtime: Runtime, compile: bool, emit: Event) -> Predictor:
+    """A loaded model moved to the runtime's device and compiled when asked and possible (here, or in a Ray model
+    actor that received it)."""
+    predictor = predictor.to(torch.device(runtime.device))
+    if compile:
         try:
             predictor.module = torch.compile(predictor.module)
         except Exception as exc:  # noqa: BLE001 - compilation support varies by platform; plain eager still works
@@ -586,10 +660,7 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
         nonlocal buffer
         if buffer:
             target = parts / f"part-{len(part_files):06d}.parquet"
-            try:
-                _write_atomic_table(pa.Table.from_batches(buffer, schema=schema), target)
-            except OSError as exc:
-                raise _write_error(target, exc) from None
+            write_part(pa.Table.from_batches(buffer, schema=schema), target)
             part_files.append(target)
             buffer = []
 
@@ -614,9 +685,7 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
         finish(pending)
     flush()
     seconds = time.perf_counter() - start
-    meta = {"root": _show(root.resolve()), "model": predictor.name, "classes": len(predictor.classes),
-            "runtime": {"device": runtime.device, "dtype": runtime.dtype}, "top_k": k, "fingerprint": fp}
-    _join_parts(part_files, out, schema, meta)
+    _join_parts(part_files, out, schema, output_meta(root, predictor, runtime, k, fp))
     _remove_parts(parts)
     stats: PlaneStats = plane.stats
     return PredictResult(out, resumed + files, errors, predicted, resumed, seconds, runtime, predictor.name,

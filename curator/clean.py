@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import polars as pl
 
 from curator import manifest
@@ -22,13 +23,22 @@ from curator.errors import ManifestError, UsageError
 from curator.hashing import Fingerprint, to_hex
 from curator.images import DEFAULT_MAX_BYTES, STATUS_OK, FileInfo, ReadPolicy, looks_like_image, scan
 from curator.ingest import CATALOG_NAME, JOURNAL_NAME, PART_SUFFIX, read_catalog
-from curator.mislabels import MislabelSettings, apply_mislabels
+from curator.mislabels import MislabelSettings, apply_mislabels, vote_size
+from curator.neighbours import build as build_neighbourhood
+from curator.neighbours import graph_width
 from curator.ownership import MARKER, claim, marker_kind
 from curator.paths import display, relative_text
+from curator.quality import apply_quality
 from curator.report import write_report
+from curator.settings import QualitySettings
 from curator.runtime import Runtime, select_runtime
 
 DEFAULT_WORKSPACE = Path("curated")
+#: Image statistics the decode workers measure (`curator.hashing.image_stats`), as manifest columns.
+STATS = ("brightness", "sharpness", "entropy")
+#: The embedding pass: judges every file and fills the embedding cache, with `embed_files`'s arguments and its
+#: `EmbedReport`: `curator.embed.embed_files` (this machine) or `curator.ray_embed.RayEmbedder` (a Ray cluster).
+Embedder = Callable[..., EmbedReport]
 
 
 class Progress(Protocol):
@@ -64,6 +74,7 @@ class CleanSettings:
     follow_symlinks: bool = False
     duplicates: DuplicateSettings = field(default_factory=DuplicateSettings)
     mislabels: MislabelSettings = field(default_factory=MislabelSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
 
 
 @dataclass
@@ -131,9 +142,10 @@ def build_manifest(root: Path, infos: Sequence[FileInfo], fingerprints: Sequence
                 "dhash": to_hex(prints.dhash) if prints else None,
                 "crop_phash": [to_hex(h) for h in prints.crop_phash] if prints else None,
                 "colour": prints.colour.hex() if prints else None,
+                **dict(zip(STATS, prints.stats if prints and prints.stats else (None,) * len(STATS))),
             }
         )
-    schema = {**manifest.schema(), "path_escaped": pl.Boolean}
+    schema = {**manifest.schema(), "path_escaped": pl.Boolean, **{name: pl.Float32 for name in STATS}}
     return manifest.validate(pl.DataFrame(rows, schema=schema))
 
 
@@ -190,8 +202,11 @@ def _known_verdicts(root: Path, workspace: Path) -> dict[str, tuple[FileInfo, Fi
         )
         prints = None
         if row["phash"] is not None:
+            if row.get("brightness") is None:
+                continue  # measured before image statistics existed: decode it once more
             prints = Fingerprint(row["pixel_sha256"], int(row["phash"], 16), int(row["dhash"], 16),
-                                 tuple(int(h, 16) for h in row["crop_phash"]), bytes.fromhex(row["colour"]))
+                                 tuple(int(h, 16) for h in row["crop_phash"]), bytes.fromhex(row["colour"]),
+                                 tuple(row[name] for name in STATS))
         known[row["sha256"]] = (info, prints)
     return known
 
@@ -226,8 +241,11 @@ def is_workspace(folder: Path) -> bool:
         return False
 
 
-def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanResult:
-    """Run stage 1 on `settings.root` and write `manifest.parquet` and `settings.json` into the workspace."""
+def clean(settings: CleanSettings, progress: Progress | None = None, embedder: Embedder = embed_files) -> CleanResult:
+    """Run stage 1 on `settings.root` and write `manifest.parquet` and `settings.json` into the workspace.
+
+    `embedder` does the embedding pass (`embed_files` here, or `curator.ray_embed.RayEmbedder` on a Ray cluster); the
+    later stages run here, on the arrays it leaves in the cache."""
     progress = progress or _Silent()
     root = Path(settings.root)
     if not root.exists():
@@ -261,7 +279,7 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     timings["load_backbone"] = time.perf_counter() - t0
     cache = cache_for(workspace, backbone)
     progress.start("integrity + embeddings", len(paths))
-    report = embed_files(
+    report = embedder(
         paths, backbone, cache, runtime, batch_size=settings.batch_size, workers=settings.workers,
         known=_known_verdicts(root, workspace), progress=progress.advance, policy=policy,
     )
@@ -270,20 +288,35 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
     frame = build_manifest(root, report.infos, report.fingerprints, pattern)
     if catalog is not None:
         frame = with_provenance(frame, catalog, prefer_pattern=pattern is not None)
+    frame, quality_thresholds = apply_quality(frame, settings.quality)
     frame = without_features(frame, cache.missing(frame.filter(pl.col("status") == STATUS_OK)["sha256"].to_list()))
     t0 = time.perf_counter()
     ok = (frame["status"] == STATUS_OK).to_numpy()
     ok_shas = frame.filter(pl.Series(ok))["sha256"].to_list()
-    embeddings = embedding_matrix(cache.get(ok_shas), backbone.feature_layout) if ok_shas else None
+    space = None
+    if ok_shas:
+        # one neighbour graph for both later stages, over the ok rows' embeddings read a chunk at a time; the
+        # progress line says up front what the rows held for the search take
+        read = cache.reader(ok_shas)
+        layout = backbone.feature_layout
+        width = graph_width(len(ok_shas), settings.duplicates.embed_neighbours,
+                            vote_size(len(ok_shas), settings.mislabels)[1])
+        space = build_neighbourhood(lambda start, stop: embedding_matrix(read(start, stop), layout), len(ok_shas),
+                                    embedding_matrix(read(0, 1), layout).shape[1], width,
+                                    note=lambda text: progress.start(f"neighbours ({text})", len(ok_shas)),
+                                    progress=progress.advance)
+        timings["neighbours"] = time.perf_counter() - t0
     progress.start("duplicates (exact, phash, embedding)", 3)
-    frame, pairs = find_duplicates(frame, embeddings, settings.duplicates, progress.advance)
+    frame, pairs = find_duplicates(frame, space, settings.duplicates, progress.advance)
     timings["duplicates"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     progress.start("mislabels (probe + neighbours)", 1)
-    # kept rows are a subset of the ok rows: take their embeddings from the matrix already built
+    # kept rows are a subset of the ok rows: the mislabel stage reads the same rows and the same graph, mapped
     kept = (frame["keep"] & frame["label"].is_not_null()).to_numpy()
-    kept_embeddings = embeddings[kept[ok]] if embeddings is not None and kept.any() else None
-    frame, warnings = apply_mislabels(frame, kept_embeddings, settings.mislabels,
+    kept_space = space.subset(np.flatnonzero(kept[ok])) if space is not None and kept.any() else None
+    vectors = space.vectors if space is not None else None  # the report's map reads them (no copy)
+    space = None  # the ok rows' graph is not needed any more
+    frame, warnings = apply_mislabels(frame, kept_space, settings.mislabels,
                                       cache_dir=workspace / "cache" / backbone.key)
     unmatched = unmatched_groups(frame, pattern)
     warnings = [*cache.warnings, *([unmatched] if unmatched else []), *warnings]
@@ -294,11 +327,12 @@ def clean(settings: CleanSettings, progress: Progress | None = None) -> CleanRes
             "weights": backbone.weights_origin, "feature_layout": backbone.feature_layout}
     path = manifest.write_atomic(frame, workspace / manifest.MANIFEST_NAME, meta)
     t0 = time.perf_counter()
-    report_path = write_report(frame, root, workspace)
+    report_path = write_report(frame, root, workspace, vectors, np.flatnonzero(ok), quality=quality_thresholds)
     timings["report"] = time.perf_counter() - t0
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     resolved["duplicates"] = asdict(settings.duplicates)
     resolved["mislabels"] = asdict(settings.mislabels)
+    resolved["quality"] = {**asdict(settings.quality), "thresholds": quality_thresholds}
     resolved.update(root=str(root), workspace=str(workspace), device_resolved=runtime.device,
                     dtype_resolved=runtime.dtype, dtype_reason=runtime.reason, backbone_key=backbone.key,
                     weights_origin=backbone.weights_origin)

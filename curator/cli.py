@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -21,16 +24,32 @@ from rich.table import Table
 from rich.text import Text
 
 from curator.errors import AtelierError, UsageError
-from curator.settings import DEFAULT_MAX_BYTES, DuplicateSettings, MislabelSettings
+from curator.settings import DEFAULT_MAX_BYTES, DuplicateSettings, MislabelSettings, QualitySettings
+
+class PipelineOrder(TyperGroup):
+    """Commands listed in the order the pipeline runs them, not alphabetically or by definition."""
+
+    ORDER = ("ingest", "clean", "split")
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: self.ORDER.index(n) if n in self.ORDER else len(self.ORDER))
+
 
 app = typer.Typer(
     name="curator",
+    cls=PipelineOrder,
     help="Turn messy folders of artwork images into clean, leak-free training sets.",
+    epilog="The pipeline, in order (then `classify train --splits curated/splits.parquet --out runs/styles`):\n\n"
+           "curator ingest folder ./downloads --out raw --group-pattern '^([^_]+)_'\n\n"
+           "curator clean raw --out curated --export clean-set\n\n"
+           "curator split --workspace curated",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+#: Logs into a file or a pipe: full-width tables (rich would cut them at 80 columns) and plain progress lines.
+console = Console(width=None if sys.stdout.isatty() else 200)
 DUP = DuplicateSettings()
 err_console = Console(stderr=True)
 
@@ -57,19 +76,90 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:6.1f}/s" if task.speed else "     -/s")
 
 
-def progress_bar() -> Progress:
+class PlainProgress:
+    """Progress for logs and pipes: one plain line per stage every `every` seconds and when it ends (no bars, no
+    `0/?`), with the same calls as rich's `Progress` that the commands use."""
+
+    def __init__(self, out: Console, every: float = 5.0):
+        self.console, self.every = out, every
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for task in list(self.tasks):
+            self._finish(task)
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        for task in list(self.tasks):
+            self._finish(task)
+        task = len(self.tasks) + 1000
+        self.tasks[task] = {"description": description, "total": total, "done": 0, "start": time.monotonic(),
+                            "said": time.monotonic()}
+        return task
+
+    def advance(self, task: int, n: float = 1) -> None:
+        self.update(task, advance=n)
+
+    def update(self, task: int, description: str | None = None, advance: float = 0, **_) -> None:
+        state = self.tasks.get(task)
+        if state is None:
+            return
+        state["done"] += advance
+        if description is not None:
+            state["description"] = description
+        if time.monotonic() - state["said"] >= self.every:
+            self._say(state)
+
+    def _say(self, state: dict, end: bool = False) -> None:
+        seconds = time.monotonic() - state["start"]
+        done, total = state["done"], state["total"]
+        count = f"{done:,.0f}/{total:,.0f}" if total else f"{done:,.0f}"
+        rate = f", {done / seconds:.1f}/s" if seconds > 0 and done else ""
+        self.console.print(f"{escape(state['description'])}: {count}{rate}, {seconds:.0f} s"
+                           + (" (done)" if end else ""), highlight=False, soft_wrap=True)
+        state["said"] = time.monotonic()
+
+    def _finish(self, task: int) -> None:
+        state = self.tasks.pop(task, None)
+        if state is not None:
+            self._say(state, end=True)
+
+
+def progress_bar() -> Progress | PlainProgress:
+    """A rich progress bar on a terminal; plain progress lines in a log file or a pipe."""
+    if not console.is_terminal:
+        return PlainProgress(console)
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"curator (atelier) {version('atelier')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
     """Turn messy folders of artwork images into clean, leak-free training sets.
 
     Stages share one workspace (default ./curated): a Parquet manifest with one row per file, and cached embeddings.
     """
+
+
+
+ingest_app = typer.Typer(help="Fetch images into a class-folder tree with catalog.parquet (provenance per image).",
+                         no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
 
 
 def fail(exc: AtelierError) -> typer.Exit:
@@ -77,7 +167,8 @@ def fail(exc: AtelierError) -> typer.Exit:
     return typer.Exit(code=exc.exit_code)
 
 
-@app.command()
+@app.command(short_help="Check every file, find duplicates, conflicts, mislabels and quality issues; write the "
+                        "manifest and report.html.")
 def clean(
     root: Annotated[Path, typer.Argument(help="Folder of images, one subfolder per class (label).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Workspace for the manifest, caches and reports.")] = Path(
@@ -131,14 +222,42 @@ def clean(
     follow_symlinks: Annotated[bool, typer.Option(
         "--follow-symlinks", help="Also read files and folders that symbolic links reach outside ROOT (by default "
                                   "such a link is a row saying where it points).")] = False,
+    drop_quality: Annotated[bool, typer.Option(
+        "--drop-quality", help="Remove images flagged by the image-quality checks (blurry, dark, bright, near-blank, "
+                               "odd aspect, odd size; thresholds follow the collection) instead of only flagging "
+                               "them.")] = False,
+    engine: Annotated[str, typer.Option(
+        help="Where the embedding pass runs: local (this machine) or ray (a Ray cluster, with Ray Data; needs pip "
+             "install 'atelier[ray]'). The later stages run here either way.")] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="--engine ray: the cluster, auto, ray://HOST:PORT or HOST:PORT (default: RAY_ADDRESS, as under `ray job "
+             "submit`, else a local Ray on this machine).")] = None,
+    num_gpus_per_worker: Annotated[float | None, typer.Option(
+        help="--engine ray: GPUs per model actor (default 1 when the cluster has GPUs, else 0).")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="--engine ray: model actors (default one per GPU, or half the CPUs on a cluster without GPUs).")] = None,
 ) -> None:
     """Scan ROOT, check every file, embed every usable image once (cached), find duplicates, label conflicts and
-    likely mislabelled images, and write the manifest and report.html."""
+    likely mislabelled images, and write the manifest and report.html.
+
+    With --engine ray the embedding pass (integrity, hashes, fingerprints, features) runs on a Ray cluster: decoding
+    in Ray tasks, the model in a pool of actors (one per GPU); ROOT and --out must be at the same path on every node.
+    """
     from curator.clean import CleanSettings
     from curator.clean import clean as run_clean
+    from curator.embed import embed_files
     from curator.export import check_destination, export_kept
+    from curator.ray_embed import RayEmbedder, engine_settings, refuse_local_options
     from curator.runtime import configure_allocator
 
+    try:
+        ray_settings = engine_settings(engine, address, num_gpus_per_worker, concurrency)
+        if ray_settings is not None:
+            refuse_local_options(workers)
+    except AtelierError as exc:
+        raise fail(exc) from None
+    embedder = (embed_files if ray_settings is None else
+                RayEmbedder(ray_settings, device, dtype, batch_by_device=batch_size is None))
     configure_allocator()
     try:
         duplicates = DuplicateSettings(phash_radius=phash_radius, dhash_radius=dhash_radius, crop_radius=crop_radius,
@@ -156,22 +275,25 @@ def clean(
     settings = CleanSettings(root=root, workspace=out, group_pattern=group_pattern, backbone=backbone,
                              weights=weights, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
                              max_bytes=max_bytes, follow_symlinks=follow_symlinks, duplicates=duplicates,
-                             mislabels=mislabels)
+                             mislabels=mislabels, quality=QualitySettings(drop=drop_quality))
     try:
         if export is not None:
             check_destination(root, export, workspace=out)
         with progress_bar() as bar:
-            result = run_clean(settings, RichProgress(bar))
+            result = run_clean(settings, RichProgress(bar), embedder)
         exported = export_kept(result.manifest, result.root, export) if export is not None else None
     except AtelierError as exc:
         raise fail(exc) from None
     print_clean_summary(result)
+    if ray_settings is not None and embedder.plan is not None:
+        console.print(f"engine ray: the embedding pass ran on {embedder.plan.concurrency} model actors "
+                      f"({embedder.plan.num_gpus:g} GPU each), {embedder.runtime.device} {embedder.runtime.dtype}")
     if exported is not None:
         console.print(f"export: {exported.files} kept images in [bold]{exported.destination}[/] ({exported.linked} "
                       f"hard-linked, {exported.copied} copied, {exported.already_there} already there)")
 
 
-@app.command()
+@app.command(short_help="Leak-free train/val/test splits (or grouped folds) of the kept images.")
 def split(
     workspace: Annotated[Path, typer.Option("--workspace", "-w", help="The workspace `curator clean` wrote.")] = Path(
         "curated"),
@@ -222,13 +344,16 @@ def split(
     console.print(f"splits: [bold]{result.path}[/]")
 
 
+QUALITY_CHECKS = ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")
+
+
 def print_clean_summary(result) -> None:
     import polars as pl
 
     df = result.manifest
     table = Table(title="curator clean", show_footer=False)
     table.add_column("class")
-    statuses = ["ok", "corrupt", "ignored", "duplicate", "conflict", "outlier"]
+    statuses = ["ok", "corrupt", "ignored", "duplicate", "conflict", "outlier", "low_quality"]
     for status in ["files", *statuses]:
         table.add_column(status, justify="right")
     per = df.group_by("label").agg(
@@ -254,15 +379,16 @@ def print_clean_summary(result) -> None:
     relabelled = int(flagged["original_label"].is_not_null().sum())
     console.print(f"mislabels: {len(flagged)} flagged ({relabelled} relabelled, "
                   f"{int((flagged['keep']).sum())} kept for review)")
+    quality = {name: int(df[f"is_{name}_issue"].sum()) for name in QUALITY_CHECKS if f"is_{name}_issue" in df.columns}
+    if quality:
+        console.print("  quality: " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in quality.items())
+                      + f" ({int((df['status'] == 'low_quality').sum())} removed)")
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"manifest: [bold]{result.manifest_path}[/]")
     console.print(f"report:   [bold]{result.report_path}[/]")
 
 
-ingest_app = typer.Typer(help="Fetch images into a class-folder tree with catalog.parquet (provenance per image).",
-                         no_args_is_help=True)
-app.add_typer(ingest_app, name="ingest")
 
 OutOpt = Annotated[Path, typer.Option("--out", help="The tree to fill: OUT/<label>/<file> and OUT/catalog.parquet.")]
 RateOpt = Annotated[float, typer.Option(help="Requests per second over all connections.")]
@@ -290,7 +416,8 @@ class IngestDisplay:
         self.task = bar.add_task(self._text(), total=None)
 
     def _text(self) -> str:
-        return (f"{self.source}: {self.pages} pages, {self.images} images, {self.bytes / 1e6:.1f} MB, "
+        pages = f"{self.pages} pages, " if self.pages else ""  # local sources list no pages
+        return (f"{self.source}: {pages}{self.images} images, {self.bytes / 1e6:.1f} MB, "
                 f"{self.skipped} already there, {self.failed} failed")
 
     def __call__(self, kind: str, info: dict) -> None:

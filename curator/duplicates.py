@@ -26,11 +26,11 @@ import numpy as np
 import polars as pl
 
 from curator.hashing import CROP_SCALES
+from curator.neighbours import Graph, Neighbourhood, pair_keys
 from curator.settings import DuplicateSettings  # re-exported: defined in the light module the CLI imports
 
 #: Formats ranked for keeping, least lossy first (the keeper rule's second key).
 FORMAT_RANK = {"PNG": 0, "TIFF": 0, "BMP": 0, "PPM": 0, "WEBP": 1, "JPEG": 2, "GIF": 3}
-FLAT_INDEX_LIMIT = 200_000
 
 PAIR_SCHEMA = {"i": pl.Int64, "j": pl.Int64, "stage": pl.String, "phash_distance": pl.Int32,
                "cosine": pl.Float32, "detail": pl.String}
@@ -130,51 +130,56 @@ def normalise(embeddings: np.ndarray) -> np.ndarray:
     return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def neighbours(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k nearest other rows by cosine, for unit-length rows: exact (IndexFlatIP) up to 200k rows, HNSW
-    beyond, re-scored exactly."""
-    import faiss
+def neighbours(unit: np.ndarray, k: int) -> Graph:
+    """Each row's k nearest other rows by cosine: the shared graph of `curator.neighbours.knn` (exact up to its
+    `EXACT_LIMIT` rows, a compressed index re-scored exactly above it)."""
+    from curator.neighbours import knn
 
-    x = np.ascontiguousarray(unit, dtype=np.float32)
-    n, dim = x.shape
-    k = min(k + 1, n)
-    if n <= FLAT_INDEX_LIMIT:
-        index = faiss.IndexFlatIP(dim)
-    else:
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = max(64, 2 * k)
-    index.add(x)
-    sims, ids = index.search(x, k)
-    return sims, ids
+    return knn(unit, k)
 
 
 @dataclass(frozen=True)
 class Similarity:
-    """Unit embeddings, each row's nearest neighbours, and the collection's median nearest-neighbour gap."""
+    """Unit embeddings (float32, or the float16 unit rows of a large collection), each row's nearest other rows
+    (`ids`, -1 padded, and their cosines `sims`), and the collection's median nearest-neighbour gap."""
 
     unit: np.ndarray
     sims: np.ndarray
     ids: np.ndarray
     gap: float
 
-    def cosine(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        return (self.unit[i] * self.unit[j]).sum(axis=1)
+    def cosine(self, i: np.ndarray, j: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        """Cosines of the row pairs (i, j), a chunk of pairs at a time (float16 rows are widened per chunk)."""
+        if self.unit.dtype == np.float32:
+            return (self.unit[i] * self.unit[j]).sum(axis=1)
+        out = np.empty(len(i), dtype=np.float32)
+        for start in range(0, len(i), chunk):
+            a = self.unit[i[start:start + chunk]].astype(np.float32)
+            out[start:start + chunk] = (a * self.unit[j[start:start + chunk]].astype(np.float32)).sum(axis=1)
+        return out
 
 
-def similarity(embeddings: np.ndarray, k: int, linked: pl.DataFrame | None = None) -> Similarity:
+def similarity(embeddings: np.ndarray | Neighbourhood, k: int, linked: pl.DataFrame | None = None) -> Similarity:
     """Nearest neighbours of every row, and the median of 1 - cosine to the nearest other row that is not `linked`
     to it (pairs already found by hashes), so that a collection full of copies does not make its own copies look
-    typical."""
-    unit = normalise(embeddings)
-    sims, ids = neighbours(unit, k)
+    typical. `embeddings` is a matrix (searched here) or a `curator.neighbours.Neighbourhood` whose shared graph is
+    used (its first k neighbours)."""
+    from curator.neighbours import Neighbourhood
+
+    if isinstance(embeddings, Neighbourhood):
+        unit = embeddings.unit()
+        graph = embeddings.graph.first(k)
+    else:
+        unit = normalise(embeddings)
+        graph = neighbours(unit, k)
     n = len(unit)
-    excluded = ids == np.arange(n)[:, None]
+    ids, sims = graph.ids, graph.sims
+    excluded = ids < 0
     if linked is not None and not linked.is_empty():
-        pairs = set(zip(linked["i"].to_list(), linked["j"].to_list()))
-        rows = np.repeat(np.arange(n), ids.shape[1]).tolist()
-        flat = [(min(r, c), max(r, c)) in pairs for r, c in zip(rows, ids.ravel().tolist())]
-        excluded |= np.array(flat, dtype=bool).reshape(ids.shape)
-    nearest = np.where(excluded | (ids < 0), -np.inf, sims).max(axis=1)
+        rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)
+        known = pair_keys(linked["i"].to_numpy(), linked["j"].to_numpy(), n)
+        excluded |= np.isin(pair_keys(rows, ids, n), known) & (ids >= 0)
+    nearest = np.where(excluded, -np.inf, sims).max(axis=1, initial=-np.inf)
     finite = nearest[np.isfinite(nearest)]
     gap = float(np.median(1.0 - finite)) if len(finite) else 1.0
     return Similarity(unit, sims, ids, gap)
@@ -208,9 +213,8 @@ def embedding_pairs(sim: Similarity, phash: np.ndarray, crop: np.ndarray, colour
     rows = np.repeat(np.arange(n), sim.ids.shape[1])
     cols, cos = sim.ids.ravel(), sim.sims.ravel()
     keep = (cols >= 0) & (cols != rows) & (cos >= threshold)
-    lo, hi = np.minimum(rows[keep], cols[keep]), np.maximum(rows[keep], cols[keep])
-    unique = np.unique(np.stack([lo, hi], axis=1), axis=0) if len(lo) else np.zeros((0, 2), dtype=np.int64)
-    rows, cols = unique[:, 0], unique[:, 1]
+    keys = np.unique(pair_keys(rows[keep], cols[keep], n))
+    rows, cols = keys // n, keys % n
     dist = best_phash_distance(phash, crop, rows, cols) if len(rows) else np.zeros(0, dtype=np.int64)
     ok = dist <= settings.verify_radius
     rows, cols, dist = rows[ok], cols[ok], dist[ok]

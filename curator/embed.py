@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -214,12 +215,39 @@ class EmbeddingCache:
         return self._store.records["vec"]
 
     def get(self, shas: Sequence[str]) -> np.ndarray:
-        """float32 features for `shas`, in order, read from the memory map (only these rows); raises KeyError naming
-        the first one not cached (or dropped as damaged)."""
+        """float32 features for `shas`, in order (only these rows are read); raises KeyError naming the first one
+        not cached (or dropped as damaged)."""
+        return self.reader(shas)(0, len(shas))
+
+    def reader(self, shas: Sequence[str]) -> Callable[[int, int], np.ndarray]:
+        """A function giving the float32 features of `shas[start:stop]`, in order, so that N rows can be read a chunk
+        at a time; raises KeyError (now) naming the first sha not cached. Rows are read with `os.pread`, runs of
+        consecutive records at once, not through the memory map: reading every row of a large cache then holds one
+        chunk, not the file's pages (which a map would keep resident, 4.6 GB at 1M x 2,304)."""
         rows = self.rows(shas)
-        if len(rows) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return self.vectors()[rows].astype(np.float32)
+        size = self.record.itemsize
+
+        def read(start: int, stop: int) -> np.ndarray:
+            wanted = rows[start:stop]
+            out = np.empty((len(wanted), self.dim), dtype=np.float32)
+            if len(wanted) == 0:
+                return out
+            order = np.argsort(wanted, kind="stable")
+            ordered = wanted[order]
+            breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(ordered)]):
+                    want = int(last - first) * size
+                    data = os.pread(fd, want, int(ordered[first]) * size)
+                    if len(data) != want:
+                        raise KeyError(f"embedding cache {self.key} is shorter than its index (rewritten meanwhile?)")
+                    out[order[first:last]] = np.frombuffer(data, dtype=self.record)["vec"]
+            finally:
+                os.close(fd)
+            return out
+
+        return read
 
 
 def _finite_records(records: np.ndarray) -> np.ndarray:
@@ -321,9 +349,10 @@ def gram_part(feat: torch.Tensor) -> torch.Tensor:  # noqa: F821
 
 
 @dataclass(frozen=True)
-class _CleanWork:
+class CleanWork:
     """One file to `Item((FileInfo, Fingerprint or None), pixels or None)` for `curator clean`: read through the
-    policy, hashed, judged, fingerprinted, and preprocessed only when its embedding is not cached.
+    policy, hashed, judged, fingerprinted, and preprocessed only when its embedding is not cached. Both engines run
+    it: the data plane's workers (`embed_files`) and Ray's decode tasks (`curator.ray_embed`).
 
     `known` (verdict and fingerprint by sha256, from the previous manifest) spares the decoding of files whose
     verdict is known and whose embedding is cached (or which were not images)."""
@@ -380,6 +409,32 @@ class EmbedReport:
         return min(1.0, self.wait_seconds / self.seconds) if self.seconds > 0 else 0.0
 
 
+def place_backbone(backbone: Backbone,
+                   runtime: Runtime) -> tuple[preprocessing.Preprocess, torch.Tensor, torch.Tensor]:  # noqa: F821
+    """Move the backbone's model to the runtime's device (in place, channels_last) and return its preprocessing and
+    its normalisation on that device (`pixel_scale`): what `embed_pixels` needs, for either engine."""
+    import torch
+
+    preprocess = preprocessing.Preprocess.from_data_config(backbone.data_config)
+    device = torch.device(runtime.device)
+    backbone.model.to(device).to(memory_format=torch.channels_last)  # in place: modules move themselves
+    mean, std = pixel_scale(preprocess.mean, preprocess.std, device)
+    return preprocess, mean, std
+
+
+def embed_pixels(backbone: Backbone, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,  # noqa: F821
+                 runtime: Runtime) -> np.ndarray:
+    """float32 features (n, feature_dim) of a uint8 batch (n, 3, H, W) on the model's device: normalised, channels_last,
+    under inference mode and the runtime's autocast; the one model step of the embedding pass, whichever engine."""
+    import torch
+
+    x = pixels.float().sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+    device_type = torch.device(runtime.device).type
+    with torch.inference_mode(), torch.autocast(device_type, dtype=runtime.torch_dtype, enabled=runtime.autocast):
+        feats = forward_features(backbone, x)
+    return feats.float().cpu().numpy()
+
+
 def default_workers(device: str | None = None) -> int:
     """Decode workers for a device (see `curator.dataplane.default_workers`): cores - 1 on CUDA, 1 on a CPU."""
     from curator.dataplane import default_workers as by_device
@@ -408,11 +463,9 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
     paths = list(paths)
     workers = choose_workers(workers, runtime.device, len(paths))
-    preprocess = preprocessing.Preprocess.from_data_config(backbone.data_config)
+    preprocess, mean, std = place_backbone(backbone, runtime)
     device = torch.device(runtime.device)
-    backbone.model.to(device).to(memory_format=torch.channels_last)  # in place: modules move themselves
-    mean, std = pixel_scale(preprocess.mean, preprocess.std, device)
-    work = _CleanWork(preprocess, frozenset(cache.shas()), known or {}, policy)
+    work = CleanWork(preprocess, frozenset(cache.shas()), known or {}, policy)
     plane = DataPlane(partial(chunked, range(len(paths)), batch_size), _Indexed(paths, work),
                       (3, preprocess.crop, preprocess.crop), device=device, workers=workers)
     infos: list[FileInfo | None] = [None] * len(paths)
@@ -426,10 +479,7 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
     def run_model(shas: list[str], pixels: torch.Tensor) -> None:
         nonlocal computed, model_seconds
         t0 = time.perf_counter()
-        x = pixels.float().sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=runtime.torch_dtype, enabled=runtime.autocast):
-            feats = forward_features(backbone, x)
-        cache.append(shas, feats.float().cpu().numpy())
+        cache.append(shas, embed_pixels(backbone, pixels, mean, std, runtime))
         model_seconds += time.perf_counter() - t0
         computed += len(shas)
 
@@ -468,7 +518,7 @@ class _Indexed:
     """The work on `paths[index]`, with the index in front of the metadata (so rows land in input order)."""
 
     paths: Sequence[Path]
-    work: _CleanWork
+    work: CleanWork
 
     def __call__(self, index: int, ctx) -> Item:
         item = self.work(self.paths[index], ctx)

@@ -32,6 +32,7 @@ class Fingerprint:
     dhash: int
     crop_phash: tuple[int, ...]
     colour: bytes  # 32 signed bytes: opponent chroma (R-G, R+G-2B) over a 4x4 grid, halved
+    stats: tuple[float, float, float] | None = None  # (brightness, sharpness, entropy): `image_stats`
 
 
 
@@ -93,6 +94,25 @@ def colour_agreement(a: np.ndarray, b: np.ndarray, grey_norm: float) -> np.ndarr
     return np.where(np.minimum(na, nb) < grey_norm, 1.0, cosine)
 
 
+#: Long side of the grey copy the image statistics are measured on, so that they do not depend on the file's size.
+STATS_SIDE = 256
+
+
+def image_stats(gray: Image.Image) -> tuple[float, float, float]:
+    """(brightness, sharpness, entropy) of a grey image, measured on a copy whose long side is `STATS_SIDE`:
+    mean grey level in [0, 1]; variance of the 4-neighbour Laplacian (grey levels 0..255; low means blurry or flat);
+    Shannon entropy of the 256-bin grey histogram in bits (0 for a blank image, 8 at most)."""
+    scale = STATS_SIDE / max(gray.size)
+    if scale < 1:
+        gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))),
+                           Image.Resampling.BILINEAR)
+    g = np.asarray(gray, dtype=np.float32)
+    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    counts = np.bincount(np.asarray(gray, dtype=np.uint8).ravel(), minlength=256).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(g.mean() / 255.0), float(lap.var()) if lap.size else 0.0, max(0.0, float(-(p * np.log2(p)).sum()))
+
+
 def fingerprint(image: Image.Image) -> Fingerprint:
     """All hashes of an RGB image, as decoded by `curator.images` (upright, alpha on white)."""
     pixels = np.asarray(image)
@@ -106,6 +126,7 @@ def fingerprint(image: Image.Image) -> Fingerprint:
         dhash=dhash(gray),
         crop_phash=tuple(phash(centre_crop(gray, s)) for s in CROP_SCALES),
         colour=colour_signature(image),
+        stats=image_stats(gray),
     )
 
 

@@ -18,7 +18,7 @@ from curator.errors import ManifestError
 
 SCHEMA_VERSION = 4  # 4: cluster and *_group ids are content-derived strings (3: row numbers)
 MANIFEST_NAME = "manifest.parquet"
-STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier")
+STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier", "low_quality")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,16 @@ OPTIONAL: dict[str, Column] = {
     "source_id": Column(pl.String, "the image's id at its source (WikiArt contentId, Pixiv id_pN, CSV path, ...)"),
     "source_id_escaped": Column(pl.Boolean, "true when source_id is a file name that is not valid UTF-8, stored "
                                             "escaped like `path` (curator.paths)"),
+    # curator.hashing.image_stats, measured by the decode workers (null unless the image was decoded)
+    "brightness": Column(pl.Float32, "mean grey level in [0, 1]"),
+    "sharpness": Column(pl.Float32, "variance of the grey Laplacian at 256 px on the long side (low: blurry or flat)"),
+    "entropy": Column(pl.Float32, "grey-histogram entropy in bits (0: blank, 8 at most)"),
+    # curator.quality: scores in [0, 1], lower is worse; thresholds relative to the collection (settings.json)
+    **{f"is_{name}_issue": Column(pl.Boolean, f"flagged by the {name.replace('_', ' ')} image-quality check")
+       for name in ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")},
+    **{f"{name}_score": Column(pl.Float32, f"{name.replace('_', ' ')} check: tail probability of the robust z-score "
+                                           f"on the bad side (1: fine, near 0: flagged); null when not decoded")
+       for name in ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")},
     # curator.duplicates: one group per stage (exact, phash, embedding); scores in [0, 1], lower is worse
     "is_exact_issue": Column(pl.Boolean, "same bytes or same decoded pixels as another ok row"),
     "exact_score": Column(pl.Float32, "0 when the row has an exact copy, else 1"),
@@ -173,6 +183,8 @@ def read_metadata(path: Path) -> dict:
 FINGERPRINT_VERSIONS = (3, SCHEMA_VERSION)
 FINGERPRINT_COLUMNS = ("path", "sha256", "status", "reason", "bytes", "width", "height", "format", "mode",
                        "pixel_sha256", "phash", "dhash", "crop_phash", "colour")
+#: Read with them when present (a version-3 manifest has none: its rows are decoded once more to measure them).
+STATS_COLUMNS = ("brightness", "sharpness", "entropy")
 
 
 def read_fingerprints(path: Path) -> pl.DataFrame:
@@ -185,10 +197,12 @@ def read_fingerprints(path: Path) -> pl.DataFrame:
         raise ManifestError(f"{path} has another manifest schema version")
     try:
         with open(path, "rb") as fh:
-            df = pl.read_parquet(fh, columns=list(FINGERPRINT_COLUMNS))
+            present = pl.read_parquet_schema(fh)
+            fh.seek(0)
+            df = pl.read_parquet(fh, columns=[*FINGERPRINT_COLUMNS, *(c for c in STATS_COLUMNS if c in present)])
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from None
-    wrong = [name for name in FINGERPRINT_COLUMNS if df.schema[name] not in (COLUMNS[name].dtype, pl.Null)]
+    wrong = [name for name in df.columns if df.schema[name] not in (COLUMNS[name].dtype, pl.Null)]
     if wrong:
         raise ManifestError(f"{path} has wrong column types: {', '.join(wrong)}")
     return df

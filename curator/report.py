@@ -27,7 +27,8 @@ MAP_POINTS = 5000
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
 TABLES = "report"
-STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier")
+STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier", "low_quality")
+QUALITY = ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")
 _TABLE_COLUMNS = ("path", "label", "status", "keep", "reason")
 
 
@@ -100,12 +101,15 @@ def summary_line(frame: pl.DataFrame) -> str:
     count = {s: int((frame["status"] == s).sum()) for s in STATUSES}
     kept = int(frame["keep"].sum())
     removed = {"duplicates": count["duplicate"], "label conflicts": count["conflict"],
-               "likely mislabelled": count["outlier"]}
+               "likely mislabelled": count["outlier"], "low quality": count["low_quality"]}
     detail = ", ".join(f"{n:,} {what}" for what, n in removed.items() if n)
     flagged = (int(frame["is_mislabel_issue"].fill_null(False).sum()) - count["outlier"]
                if "is_mislabel_issue" in frame.columns else 0)
+    issues = [f"is_{name}_issue" for name in QUALITY if f"is_{name}_issue" in frame.columns]
+    quality = int(frame.select(pl.any_horizontal(issues) & pl.col("keep")).to_series().sum()) if issues else 0
     return (f"{len(frame):,} files: {kept:,} kept; {sum(removed.values()):,} removed"
             + (f" ({detail})" if detail else "") + (f"; {flagged:,} flagged but kept" if flagged > 0 else "")
+            + (f"; {quality:,} kept with an image-quality issue" if quality else "")
             + f"; {count['corrupt']:,} corrupt, {count['ignored']:,} ignored")
 
 
@@ -161,6 +165,29 @@ def _mislabels(frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs) -> Section
         items += [thumbs.item(by_path[p], "", f"nearest {row['suggested_label']}", score)
                   for p in row.get("mislabel_neighbours") or [] if p in by_path]
         section.rows.append({"items": items, "reason": row["reason"] or "", "score": score, "path": row["path"]})
+    return section
+
+
+def _quality(frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs, thresholds: dict[str, str]) -> Section | None:
+    issues = [name for name in QUALITY if f"is_{name}_issue" in frame.columns]
+    if not issues:
+        return None
+    worst = pl.min_horizontal([pl.when(pl.col(f"is_{n}_issue")).then(pl.col(f"{n}_score")) for n in issues])
+    which = pl.concat_str([pl.when(pl.col(f"is_{n}_issue")).then(pl.lit(n.replace("_", " "))) for n in issues],
+                          separator=", ", ignore_nulls=True)
+    flagged = frame.filter(pl.any_horizontal([f"is_{n}_issue" for n in issues])).with_columns(
+        worst.alias("_worst"), which.alias("_which")).sort("_worst", "path")
+    table = _write_table(flagged.select(*_TABLE_COLUMNS, pl.col("_which").alias("issues"),
+                                        *[c for n in issues for c in (f"{n}_score",)],
+                                        *[c for c in ("brightness", "sharpness", "entropy", "width", "height")
+                                          if c in frame.columns]), workspace, "quality")
+    order = "worst first; thresholds follow the collection: " + "; ".join(
+        f"{n.replace('_', ' ')}: {thresholds[n]}" for n in issues if n in thresholds)
+    section = Section("quality", "Image-quality issues", len(flagged), table, order)
+    for row in flagged.head(SHOWN).iter_rows(named=True):
+        score = 1.0 - (row["_worst"] or 0.0)
+        item = thumbs.item(row, "flagged", f"{row['_which']} (score {row['_worst']:.3f})", score)
+        section.rows.append({"items": [item], "score": score, "path": row["path"]})
     return section
 
 
@@ -246,14 +273,16 @@ def collection_map(frame: pl.DataFrame, embeddings: np.ndarray | None, rows: np.
 
 
 def write_report(frame: pl.DataFrame, root: Path, workspace: Path, embeddings: np.ndarray | None = None,
-                 embedding_rows: np.ndarray | None = None) -> Path:
+                 embedding_rows: np.ndarray | None = None, quality: dict[str, str] | None = None) -> Path:
     """Write `workspace/report.html`, its thumbnails and its `report/*.parquet` tables for a cleaned manifest
-    frame; returns the page's path. `embeddings` (one row per frame row in `embedding_rows`) draw the map."""
+    frame; returns the page's path. `embeddings` (one row per frame row in `embedding_rows`) draw the map;
+    `quality` holds the image-quality thresholds as sentences (`curator.quality.apply_quality`)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     root, workspace = Path(root), Path(workspace)
     thumbs = _Thumbs(root, workspace / "thumbs")
     sections = [_clusters(frame, workspace, thumbs), _mislabels(frame, workspace, thumbs),
+                _quality(frame, workspace, thumbs, quality or {}),
                 _files(frame, workspace, "corrupt", "Corrupt files"),
                 _files(frame, workspace, "ignored", "Ignored files")]
     counts, total = _counts(frame)

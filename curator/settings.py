@@ -65,3 +65,27 @@ class MislabelSettings:
             raise ValueError(f"folds must be at least 2; got {self.folds!r}")
         if self.neighbours < 1:
             raise ValueError(f"neighbours must be at least 1; got {self.neighbours!r}")
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """Image-quality checks (`curator.quality`); thresholds are relative to the collection: a row is flagged when
+    its measure lies more than `z` robust standard deviations (1.4826 x MAD) from the collection's median on the bad
+    side AND past an absolute guard, so that a collection of night scenes is not all "dark". Flagged rows are kept
+    unless `drop`. Written into settings.json."""
+
+    z: float = 3.5
+    brightness_z: float = 2.0  # brightness varies widely between paintings: the absolute guards do most of the work
+    dark_max: float = 0.2  # mean grey level below which an image can be dark
+    bright_min: float = 0.9  # ... above which it can be bright
+    low_information_max: float = 4.0  # grey-histogram entropy (bits) below which an image can be near-blank
+    aspect_ratio_min: float = 2.0  # an odd aspect differs from the collection's median aspect by this factor
+    size_ratio_min: float = 4.0  # an odd size differs from the median pixel count by this factor, either way
+    drop: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.z > 0 and self.brightness_z > 0):
+            raise ValueError(f"z and brightness_z must be positive; got {self.z!r}, {self.brightness_z!r}")
+        for name in ("aspect_ratio_min", "size_ratio_min"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)!r}")

@@ -227,3 +227,126 @@ def test_rerun_reuses_the_scores_instead_of_refitting(tmp_path, monkeypatch):
 
     monkeypatch.setattr(curator.mislabels, "score_mislabels", refit)
     assert clean(settings).manifest.equals(first)
+
+
+def slow_vote(unit: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n_classes: int, k: int,
+              exclude: set[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The vote as a loop over rows (the implementation before it was vectorised): exact search, skip itself, its
+    own group and excluded pairs, first k voters of the 5k + 1 nearest."""
+    import faiss
+
+    n = len(unit)
+    index = faiss.IndexFlatIP(unit.shape[1])
+    index.add(unit.astype(np.float32))
+    sims, ids = index.search(unit.astype(np.float32), min(n, 5 * k + 1))
+    shares = np.zeros((n, n_classes))
+    counts = np.zeros((n, n_classes), dtype=np.int64)
+    for row in range(n):
+        taken = 0
+        for sim, other in zip(sims[row], ids[row]):
+            if other < 0 or other == row:
+                continue
+            if groups is not None and groups[other] == groups[row]:
+                continue
+            if (min(row, other), max(row, other)) in exclude:
+                continue
+            shares[row, y[other]] += max(float(sim), 0.0) + 1e-6
+            counts[row, y[other]] += 1
+            taken += 1
+            if taken == k:
+                break
+    total = shares.sum(axis=1, keepdims=True)
+    return np.where(total > 0, shares / np.maximum(total, 1e-12), 1.0 / n_classes), counts
+
+
+def test_the_vectorised_vote_equals_the_row_loop():
+    from curator.mislabels import group_codes, neighbour_labels
+    from curator.neighbours import knn, normalise
+
+    rng = np.random.default_rng(5)
+    n, k = 400, 6
+    centres = rng.normal(size=(4, 16)) * 2
+    y = rng.integers(0, 4, n)
+    unit = normalise(centres[y] + rng.normal(size=(n, 16)))
+    groups = group_codes([f"a{i % 23}" if i % 7 else None for i in range(n)])
+    exclude = {(i, i + 1) for i in range(0, n - 1, 3)}
+    graph = knn(unit, 5 * k)
+    for g, ex in ((groups, exclude), (None, set()), (groups, set())):
+        shares, counts = neighbour_labels(graph, y, g, 4, k, ex)
+        want_shares, want_counts = slow_vote(unit, y, g, 4, k, ex)
+        assert np.array_equal(counts, want_counts)
+        assert np.allclose(shares, want_shares, rtol=0, atol=1e-6)  # the same votes; cosines from two searches
+    # a row whose candidates are all of its own group votes with none: uniform shares, no voters
+    alone = group_codes(["same"] * n)
+    shares, counts = neighbour_labels(graph, y, alone, 4, k)
+    assert (counts == 0).all() and np.allclose(shares, 0.25)
+
+
+def test_the_vote_reads_the_shared_graph_mapped_to_the_kept_rows():
+    from curator.mislabels import voting_graph
+    from curator.neighbours import build, exact_knn, normalise
+
+    rng = np.random.default_rng(6)
+    x = normalise(rng.normal(size=(500, 24)))
+    x[250:300] = normalise(x[:50] + rng.normal(scale=0.01, size=(50, 24)))  # copies the duplicate stage removes
+    space = build(lambda a, b: x[a:b], 500, 24, 40)
+    kept = np.setdiff1d(np.arange(500), np.arange(250, 300))
+    graph = voting_graph(space.subset(kept), 40)
+    # rows that lost neighbours to removed copies were searched again among the kept rows: as a fresh search
+    assert np.array_equal(graph.ids, exact_knn(x[kept], 40).ids)
+    assert graph.exact and (graph.ids >= 0).all()
+
+
+def test_the_fast_probe_for_large_collections_flags_what_the_full_probe_flags():
+    from curator.neighbours import synthetic_embeddings
+
+    data = synthetic_embeddings(3000, dim=256, seed=7, classes=4, per_artist=25)
+    labels = [str(v) for v in data["labels"]]
+    groups = [str(g) for g in data["groups"]]
+    rng = np.random.default_rng(8)
+    swapped = rng.choice(3000, 150, replace=False)
+    for row in swapped:
+        labels[row] = str((int(labels[row]) + 1 + rng.integers(0, 3)) % 4)
+    settings = MislabelSettings(neighbours=10)
+    full = score_mislabels(data["vectors"], labels, groups, settings)
+    fast = score_mislabels(data["vectors"], labels, groups, settings, probe_limit=100)
+    truth = np.zeros(3000, dtype=bool)
+    truth[swapped] = True
+    for result in (full, fast):
+        assert (result.flagged & truth).sum() >= 0.8 * truth.sum()
+        assert (result.flagged & ~truth).sum() <= 0.25 * result.flagged.sum()
+    assert (fast.flagged == full.flagged).mean() > 0.97
+
+
+def test_probe_training_folds_can_be_capped():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(600, 8))
+    y = (x[:, 0] > 0).astype(np.int64)
+    full, used = out_of_fold_probabilities(x, y, None, 2, 5, 1.0, 0)
+    capped, used_capped = out_of_fold_probabilities(x, y, None, 2, 5, 1.0, 0, max_train=60)
+    assert used.all() and used_capped.all()
+    assert not np.allclose(full, capped)  # trained on 60 rows a fold, not 480
+    assert (capped.argmax(axis=1) == y).mean() > 0.9
+
+
+def test_a_large_collection_is_scored_on_the_compressed_graph_and_names_witnesses_from_it(tmp_path):
+    from curator.neighbours import build, synthetic_embeddings
+
+    data = synthetic_embeddings(2500, dim=128, seed=10, classes=3, per_artist=20)
+    x = data["vectors"]
+    space = build(lambda a, b: x[a:b], 2500, 128, 64, exact_limit=500)
+    assert not space.graph.exact
+    labels = [str(v) for v in data["labels"]]
+    labels[0] = str((int(labels[0]) + 1) % 3)
+    frame = pl.DataFrame({"path": [f"{v}/{i}.jpg" for i, v in enumerate(labels)], "label": labels,
+                          "group": [str(g) for g in data["groups"]], "sha256": [f"{i:064x}" for i in range(2500)],
+                          "status": ["ok"] * 2500, "reason": [None] * 2500, "keep": [True] * 2500},
+                         schema_overrides={"reason": pl.String})
+    from curator.mislabels import apply_mislabels
+
+    out, notes = apply_mislabels(frame, space, MislabelSettings(neighbours=10), cache_dir=tmp_path)
+    flagged = out.filter(pl.col("is_mislabel_issue"))
+    assert "0.jpg" in "".join(flagged["path"].to_list())
+    for row in flagged.iter_rows(named=True):
+        assert 1 <= len(row["mislabel_neighbours"]) <= 3
+        assert all(p.split("/")[0] == row["suggested_label"] for p in row["mislabel_neighbours"])
