@@ -25,7 +25,7 @@ import torch
 
 from classify.data import read_split_table
 from classify.evaluate import evaluate
-from classify.model import FeatureHead
+from classify.classifier import FeatureHead
 from classify.train import TrainSettings, class_weights, macro_f1, train, train_probe
 from curator.embed import open_cache, select_parts
 from curator.splits import SplitSettings, make_splits

@@ -21,7 +21,7 @@ import torch
 from sklearn.model_selection import GroupKFold
 
 from classify.data import read_split_table
-from classify.model import FeatureHead
+from classify.classifier import FeatureHead
 from classify.train import TrainSettings, class_weights, macro_f1, train_probe
 from curator.backbones import load_backbone
 from curator.embed import open_cache

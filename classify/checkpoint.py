@@ -27,7 +27,7 @@ from typing import NoReturn
 
 import torch
 
-from classify.model import Classifier
+from classify.classifier import Classifier
 from curator.atomic import atomic_path
 from curator.backbones import Backbone, feature_layout_of, offline_architecture, timm_architecture
 from curator.errors import UsageError
@@ -392,7 +392,8 @@ def _check_architecture(model: torch.nn.Module, state: dict[str, torch.Tensor], 
 def load(run_dir: Path, expect_backbone: str | None = None) -> Loaded:
     """Rebuild the classifier of `run_dir`, offline, from its own tensors only; a damaged or tampered file, another
     backbone than `expect_backbone`, a backbone that cannot be built offline, or tensors that do not fit the
-    architecture are a one-line `UsageError` saying so, raised before the model is allocated wherever possible."""
+    architecture are a one-line `UsageError` saying so, raised before the model is allocated wherever possible.
+    Loading leaves the process's random generators as they were."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     name = meta["backbone"]["name"]
@@ -408,10 +409,13 @@ def load(run_dir: Path, expect_backbone: str | None = None) -> Loaded:
     if skeleton is not None:
         _check_architecture(skeleton, state, meta, run_dir, name)
 
-    model = offline_architecture(name)
-    data_config, layout, preprocess = _check_architecture(model, state, meta, run_dir, name)
-    backbone = Backbone(name, model, data_config, meta["backbone"]["weights_origin"], layout)
-    classifier = Classifier(backbone, len(meta["classes"]), meta["settings"].get("dropout", 0.0))
+    # built inside a fork of torch's CPU generator: the random initialisation (overwritten by the file's tensors
+    # below) must not move the caller's generator
+    with torch.random.fork_rng(devices=[]):
+        model = offline_architecture(name)
+        data_config, layout, preprocess = _check_architecture(model, state, meta, run_dir, name)
+        backbone = Backbone(name, model, data_config, meta["backbone"]["weights_origin"], layout)
+        classifier = Classifier(backbone, len(meta["classes"]), meta["settings"].get("dropout", 0.0))
     try:
         classifier.load_state_dict(state, strict=True)
     except RuntimeError as exc:

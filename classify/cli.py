@@ -16,6 +16,7 @@ from classify.serve import DEFAULT_MAX_WAIT_MS as SERVE_MAX_WAIT_MS
 from classify.serve import DEFAULT_PORT as SERVE_PORT
 from curator.cli import fail, progress_bar
 from curator.errors import AtelierError
+from curator.runtime import configure_allocator
 
 app = typer.Typer(
     name="classify",
@@ -150,6 +151,7 @@ def train(
             balance=balance, patience=patience, tta=tta, positive=positive, positive_column=positive_column,
             min_precision=min_precision, target_dir=str(target_dir) if target_dir else None, seed=seed,
             device=device, dtype=dtype, workers=workers, pixel_cache_max_gb=pixel_cache_max_gb)
+        configure_allocator()  # the process's allocator: set by the CLI, never by the library
         with progress_bar() as bar:
             result = run_train(splits, out, settings, EpochDisplay(bar))
     except AtelierError as exc:
@@ -191,6 +193,7 @@ def evaluate(
     from classify.evaluate import evaluate as run_eval
 
     try:
+        configure_allocator()  # the process's allocator: set by the CLI, never by the library
         with progress_bar() as bar:
             result = run_eval(model, splits, split, directory, out, device=device, batch_size=batch_size,
                               workers=workers, events=EpochDisplay(bar))
@@ -271,6 +274,7 @@ def classify_directory(
             top_k=top_k, batch_size=batch_size, workers=workers, device=device, dtype=dtype, embeddings=embeddings,
             resume=resume, compile=compile, max_bytes=max_bytes, follow_symlinks=follow_symlinks,
             gpu_decode=gpu_decode)
+        configure_allocator()  # the process's allocator: set by the CLI, never by the library
         with progress_bar() as bar:
             if ray_settings is None:
                 result = classify_dir(directory, out, settings, EpochDisplay(bar))
@@ -335,6 +339,7 @@ def serve(
         settings = ServeSettings(model=str(model) if model else None, device=device, max_bytes=max_bytes,
                                  max_batch=max_batch, max_wait_ms=max_wait_ms)
         sock = bind(host, port)  # before the model loads, so that a port in use is said at once
+        configure_allocator()
         try:
             engine = Engine.load(settings)
         except BaseException:

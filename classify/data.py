@@ -9,6 +9,11 @@ interpolation, the centre kept: exactly the region the eval transform crops from
   `classify train` fills it only when stage 2 runs and the images fit its budget;
 - `StreamedBatches`: the files decoded on the fly through the batched data plane (`curator.dataplane`, the loader
   `classify dir` and `curator clean` use), batch by batch, in an order drawn for each pass: nothing is written.
+
+Both give the same training crops: `SeededBatches` draws each pass's positions and one seed per crop from the run's
+`torch.Generator`, and the crop is `augment(square, seed)` whichever path made the square (`Crops` over the cache,
+`FileWork` on the fly). Nothing here draws from the process's default generators itself (the data plane's
+DataLoader takes its workers' base seed from torch's; `classify train` runs it inside `classify.rng.private_rng`).
 """
 
 from __future__ import annotations
@@ -316,8 +321,12 @@ def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], worker
         progress(len(items) - len(todo))
     if not todo:
         return failures
+    import torch
+
+    # its own generator: a DataLoader draws a base seed for its workers on every pass, from the process's default
+    # generator unless given one (decoding uses no randomness; the caller's generators stay untouched)
     loader = DataLoader(_SquareDataset(todo, cache.preprocess), batch_size=32, num_workers=workers,
-                        collate_fn=lambda batch: batch)
+                        collate_fn=lambda batch: batch, generator=torch.Generator())
     for batch in loader:
         good = [(sha, pix) for _, sha, pix, _ in batch if pix is not None]
         failures.update({sha: reason for _, sha, pix, reason in batch if pix is None})
@@ -337,6 +346,70 @@ def pixel_record_bytes(preprocess: Preprocess) -> int:
 #: (square uint8 HWC, seed) to the model's input, uint8 CHW: a training augmentation that draws its randomness from
 #: `seed` alone (so a batch's crops do not depend on which process made them, or in what order)
 Augment = Callable[[np.ndarray, int], np.ndarray]
+
+
+def seeded_chunks(positions: Sequence[int], batch_size: int, generator: torch.Generator | None = None,
+                  drop_last: bool = False) -> list[list[tuple[int, int]]]:
+    """`positions` as (position, seed) pairs in batches of `batch_size`, the last short batch dropped when
+    `drop_last`. With `generator`, each position gets a crop seed drawn from it (one draw for the pass); without,
+    seed 0 (centre crops draw nothing)."""
+    import torch
+
+    from curator.dataplane import chunked
+
+    positions = [int(i) for i in positions]
+    if generator is not None:
+        seeds = torch.randint(0, 2**62, (len(positions),), generator=generator).tolist()
+    else:
+        seeds = [0] * len(positions)
+    chunks = list(chunked(zip(positions, seeds), batch_size))
+    if drop_last and chunks and len(chunks[-1]) < batch_size:
+        chunks.pop()
+    return chunks
+
+
+@dataclass
+class SeededBatches:
+    """A DataLoader `batch_sampler` over `Crops` with augmentation: each pass, the positions `order()` gives (e.g. a
+    sampler's draw from the run's generator), a crop seed for each drawn from `generator`, in batches
+    (`seeded_chunks`); `StreamedBatches` draws the same for the same generator. `count` is the positions per pass."""
+
+    order: Callable[[], Sequence[int]]
+    count: int
+    batch_size: int
+    generator: torch.Generator
+    drop_last: bool = False
+
+    def __len__(self) -> int:
+        return self.count // self.batch_size if self.drop_last else math.ceil(self.count / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(seeded_chunks(self.order(), self.batch_size, self.generator, self.drop_last))
+
+
+class Crops:
+    """Pixel-cache records `rows` as a map-style dataset of (uint8 CHW crop of side `preprocess.crop`, position).
+    Without `augment`, a key is a position and the crop is the model's centre crop (`Preprocess.crop_square`: exactly
+    the pixels `curator clean` and `classify dir` feed the model); with it, a key is a (position, seed) pair (as
+    `SeededBatches` yields them) and the crop is `augment(square, seed)`."""
+
+    def __init__(self, cache: PixelCache, rows: np.ndarray, augment: Augment | None = None):
+        self.cache = cache
+        self.rows = rows
+        self.preprocess = cache.preprocess
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        import torch
+
+        if self.augment is None:
+            return torch.from_numpy(self.preprocess.crop_square(self.cache.pixels(int(self.rows[key])))), key
+        position, seed = key
+        square = self.cache.pixels(int(self.rows[position]))
+        return torch.from_numpy(np.ascontiguousarray(self.augment(square, seed), dtype=np.uint8)), position
 
 
 @dataclass(frozen=True)
@@ -394,20 +467,10 @@ class StreamedBatches:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _chunks(self) -> list[list[tuple[int, int]]]:
-        """This pass's (position, seed) inputs in batches."""
-        import torch
-
-        from curator.dataplane import chunked
-
-        positions = [int(i) for i in (self.order() if self.order is not None else range(len(self.items)))]
-        if self.augment is not None:
-            seeds = torch.randint(0, 2**62, (len(positions),), generator=self.generator).tolist()
-        else:
-            seeds = [0] * len(positions)
-        chunks = list(chunked(zip(positions, seeds), self.batch_size))
-        if self.drop_last and chunks and len(chunks[-1]) < self.batch_size:
-            chunks.pop()
-        return chunks
+        """This pass's (position, seed) inputs in batches (`seeded_chunks`)."""
+        positions = self.order() if self.order is not None else range(len(self.items))
+        return seeded_chunks(positions, self.batch_size, self.generator if self.augment is not None else None,
+                             self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import torch

@@ -18,7 +18,10 @@ Outputs, in one folder:
   classes and scores and the probability given to its true class.
 
 Plots are drawn on explicit Agg figures (`matplotlib.figure.Figure` with its own `FigureCanvasAgg`): evaluating
-never switches matplotlib's backend or touches pyplot's global state.
+never switches matplotlib's backend or touches pyplot's global state. Nor does it change any other process-wide
+state: the allocator setting is the CLI's (`curator.runtime.configure_allocator`), and the model is rebuilt and the
+batches loaded without drawing from the process's random generators. Probabilities, the flip TTA, the label a row
+gets and its top-k come from `classify.inference`, the code `classify train` and `classify dir` use.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ import polars as pl
 import torch
 
 from classify import checkpoint
-from classify.data import PixelCache, file_items, fill_pixel_cache, folder_images, read_split_table
-from classify.train import Crops, predict_pixels
+from classify.data import Crops, PixelCache, file_items, fill_pixel_cache, folder_images, read_split_table
+from classify.inference import decide, predict_loader, top_k
 from curator import manifest
 from curator.atomic import atomic_path
 from curator.embed import default_workers
@@ -43,7 +46,7 @@ from curator.errors import UsageError
 from curator.ownership import claim
 from curator.images import write_thumbnail
 from curator.paths import from_text
-from curator.runtime import Runtime, configure_allocator, select_runtime
+from curator.runtime import Runtime, select_runtime
 
 Event = Callable[[str, dict], None]
 ERRORS_SHOWN = 300
@@ -95,10 +98,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
     )
 
     labels = list(range(len(classes)))
-    if threshold is not None:
-        pred = (probs[:, 1] >= threshold).astype(np.int64)
-    else:
-        pred = probs.argmax(1)
+    pred = decide(probs, threshold)
     p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
     mp, mr, mf, _ = precision_recall_fscore_support(y_true, pred, labels=labels, average="macro", zero_division=0)
     out = {
@@ -268,14 +268,6 @@ def _save_fig(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png")
 
 
-def _top_k(probs: np.ndarray, classes: list[str], k: int) -> tuple[list[list[str]], list[list[float]]]:
-    """Each row's `k` most probable classes and their probabilities, most probable first."""
-    k = min(k, len(classes))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return ([[classes[j] for j in row] for row in order],
-            [[float(probs[i, j]) for j in row] for i, row in enumerate(order)])
-
-
 def _page_env():
     from jinja2 import Environment, FileSystemLoader
 
@@ -323,7 +315,6 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
     """Evaluate the model in `run_dir` on `split` of `splits` (default: the splits it was trained on) or on the
     class-folder tree `directory`, and write the outputs listed in the module docstring to `out_dir`."""
     emit = events or (lambda kind, info: None)
-    configure_allocator()
     loaded = checkpoint.load(run_dir)
     meta, classes, classifier = loaded.meta, loaded.classes, loaded.classifier
     settings = meta["settings"]
@@ -368,12 +359,14 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
     emit("stage", {"name": "decode", "total": len(items)})
     failed = fill_pixel_cache(pixels, items, workers, progress=lambda n: emit("advance", {"n": n}))
     good = np.array([s not in failed for s in frame["sha256"].to_list()], dtype=bool)
+    # the loader's own generator: a DataLoader draws a base seed on every pass, from torch's default generator unless
+    # given one, and evaluating must leave the process's generators alone
     loader = torch.utils.data.DataLoader(
-        Crops(pixels, pixels.rows([s for s, g in zip(frame["sha256"].to_list(), good) if g]), None),
-        batch_size=batch_size)
+        Crops(pixels, pixels.rows([s for s, g in zip(frame["sha256"].to_list(), good) if g])),
+        batch_size=batch_size, generator=torch.Generator())
     classifier.to(torch.device(runtime.device))
     emit("stage", {"name": "predict", "total": None})
-    probs, _ = predict_pixels(classifier, loader, runtime, loaded.tta)
+    probs, _ = predict_loader(classifier, loader, runtime, loaded.tta)
     seconds = time.perf_counter() - t
     threshold = meta.get("threshold") if settings.get("positive") else None
     y = y_all[good]
@@ -382,8 +375,8 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
                    skipped_files=dict(sorted(skipped.items())),
                    seconds=round(seconds, 2), images_per_second=round(len(y) / max(seconds, 1e-9), 1))
 
-    pred_idx = (probs[:, 1] >= threshold).astype(np.int64) if threshold is not None else probs.argmax(1)
-    top_classes, top_scores = _top_k(probs, classes, TOP_K)
+    pred_idx = decide(probs, threshold)
+    top_classes, top_scores = top_k(probs, classes, TOP_K)
     n = len(frame)
     full_pred, conf, truth_p = [None] * n, [None] * n, [None] * n
     tops, top_p, errors = [None] * n, [None] * n, [None] * n

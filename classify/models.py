@@ -1,4 +1,5 @@
-"""What the model side can run on: the offline backbones and their state on this machine."""
+"""What the model side can run on (`classify models`): the offline backbones and their state on this machine. The
+network a run trains, backbone + head, is `classify.classifier`."""
 
 from __future__ import annotations
 

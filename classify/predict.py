@@ -53,7 +53,7 @@ from curator.images import (DEFAULT_MAX_BYTES, STATUS_CORRUPT, Decoded, ReadPoli
 from curator.ownership import MARKER, claim, marker_kind
 from curator.paths import display, relative_text
 from curator.preprocess import Preprocess
-from curator.runtime import Runtime, configure_allocator, select_runtime
+from curator.runtime import Runtime, select_runtime
 
 Event = Callable[[str, dict], None]
 PARTS_SUFFIX = ".parts"
@@ -633,7 +633,6 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
         done_rows = pq.read_metadata(out).num_rows
         return PredictResult(out, done_rows, 0, 0, done_rows, 0.0, select_runtime(settings.device, settings.dtype),
                              "already complete")
-    configure_allocator()
     runtime = select_runtime(settings.device, settings.dtype)
     batch_size, flush_every = settings.resolved(runtime.device)
     device_jpegs = _device_jpegs(settings.gpu_decode, runtime)

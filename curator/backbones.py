@@ -269,6 +269,16 @@ def offline_architecture(name: str, *, skeleton: bool = False) -> torch.nn.Modul
 
 def load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, pretrained: bool = True,
                   hub_check: Callable[[], bool] | None = None, gram: bool = False) -> Backbone:
+    """`_load_backbone` with the caller's global torch RNG left as it was (building a model initialises weights
+    from it before they are overwritten)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return _load_backbone(name, weights, pretrained=pretrained, hub_check=hub_check, gram=gram)
+
+
+def _load_backbone(name: str = DEFAULT_BACKBONE, weights: Path | None = None, *, pretrained: bool = True,
+                   hub_check: Callable[[], bool] | None = None, gram: bool = False) -> Backbone:
     """Build `name` in eval mode with its weights; `gram` adds the Gram part to its features (see
     `feature_layout_of`).
 

@@ -102,6 +102,9 @@ class PlainProgress:
     def advance(self, task: int, n: float = 1) -> None:
         self.update(task, advance=n)
 
+    def remove_task(self, task: int) -> None:
+        self._finish(task)
+
     def update(self, task: int, description: str | None = None, advance: float = 0, **_) -> None:
         state = self.tasks.get(task)
         if state is None:

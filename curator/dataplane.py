@@ -331,7 +331,8 @@ class DataPlane:
             return iter(dataset)
         return iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.workers, collate_fn=_identity, pin_memory=self.cuda,
-            prefetch_factor=self.prefetch if self.workers else None, persistent_workers=False))
+            prefetch_factor=self.prefetch if self.workers else None, persistent_workers=False,
+            generator=torch.Generator()))  # its own: worker seeds never draw from the caller's global RNG
 
     def _device_decode(self, batch: Batch, meta: list) -> tuple[list[torch.Tensor], list[np.ndarray]]:
         """Decode the batch's JPEG bytes on the device; files it refuses go through the CPU loader (the work with

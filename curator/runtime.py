@@ -1,13 +1,14 @@
-"""Process-level performance settings: allocator, device and dtype, chosen by measurement and capability checks.
+"""Process-level performance settings: the allocator, and the device and dtype models run with, chosen by
+measurement and capability checks.
 
-Measured on the 2-core AMD EPYC (AVX2, no native bf16) this project develops on, lite0 fp32 channels_last
-model-only throughput at batch 64 (see docs/BENCHMARKS.md):
-
-- glibc malloc as shipped: 33 images/s, 60% of CPU time in the kernel. Every batch's activation buffers are large
-  enough for glibc to `mmap` them fresh and `munmap` them on free, so each batch page-faults its whole working set
-  again. jemalloc preloaded did not help on this machine (31 images/s).
-- glibc with mmap disabled and trimming raised (`configure_allocator`): 194 images/s at batch 64, 203 at batch 32,
-  kernel time under 10%. The freed memory is reused by the next batch instead of being returned and re-faulted.
+`configure_allocator` changes the whole process (glibc's malloc), so only entry points call it: the `curator` and
+`classify` CLIs, once, before any model runs. Library functions (`classify.train.train`, `classify.evaluate.evaluate`,
+...) never do; a program that calls them and runs large batches on a CPU can call it once itself. Why it exists, as
+measured on the machine named in docs/BENCHMARKS.md ("Allocator and dtype, model only", `bench/allocator.py`: lite0,
+fp32, channels_last, model only): with glibc as shipped every batch's activation buffers are large enough to be
+`mmap`ed fresh and `munmap`ed on free, so each batch page-faults its whole working set again (55-60% of CPU time in
+the kernel); with mmap disabled and trimming raised, freed memory is reused by the next batch: 3.1x the images per
+second at batch 32, 3.6x at 64. jemalloc preloaded did not help there.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest value it accept
 def configure_allocator() -> str:
     """Stop glibc from returning big buffers to the kernel between batches; returns what was done.
 
-    Idempotent and harmless off glibc (returns a note instead). Called by the CLI before any model runs; library
-    users who run large batched inference should call it once too.
+    Process-wide and permanent (mallopt has no undo), so it belongs to entry points: the CLIs call it once before any
+    model runs, and no library function calls it. Idempotent and harmless off glibc (returns a note instead).
     """
     if not sys.platform.startswith("linux"):
         return f"allocator unchanged ({sys.platform})"
@@ -85,10 +86,11 @@ def select_runtime(device: str = "auto", dtype: str = "auto", *, cuda_available:
                    flags: frozenset[str] | None = None) -> Runtime:
     """Resolve `device` (auto|cpu|cuda) and `dtype` (auto|fp32|bf16|fp16) against what this machine can do.
 
-    Measured on 300 WikiArt paintings (docs/BENCHMARKS.md), ImageNet top-1 against fp32: fp16 autocast agreed on
-    99.7%, bf16 autocast on 94% (bf16 keeps 8 bits of mantissa; paintings give many near-tied logits). So `auto` is
-    fp16 on CUDA and fp32 on CPU; bf16 on a CPU is there for who wants its speed (1.6x on a native-bf16 EPYC) and
-    only where the CPU computes bf16 natively (emulated, it was 8x slower than fp32).
+    Measured on 1,000 WikiArt paintings (docs/BENCHMARKS.md, "The dtype rule"), ImageNet top-1 against fp32: fp16
+    autocast agreed on 99.6%, bf16 autocast on 93.2% (bf16 keeps 8 bits of mantissa; paintings give many near-tied
+    logits). So `auto` is fp16 on CUDA and fp32 on CPU; bf16 on a CPU is there for who wants its speed (1.6x with
+    native AVX512-BF16 there) and only where the CPU computes bf16 natively (emulated, it was 8x slower than fp32 on an
+    AVX2-only CPU). `classify train` trains with bf16 on a CUDA device that has it (`classify.train.training_runtime`).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}; expected auto, cpu or cuda")
@@ -106,7 +108,7 @@ def select_runtime(device: str = "auto", dtype: str = "auto", *, cuda_available:
     if resolved == "cuda":
         if dtype == "bf16":
             return Runtime(resolved, "bfloat16", "bf16 asked for")
-        return Runtime(resolved, "float16", "CUDA: fp16 autocast (top-1 agrees with fp32 on 99.7%)")
+        return Runtime(resolved, "float16", "CUDA: fp16 autocast (top-1 agrees with fp32 on 99.6%)")
     if dtype == "fp16":
         raise UsageError("--dtype fp16 is for CUDA; on a CPU it is emulated and slow: use fp32 (or auto)")
     if dtype == "bf16":
@@ -114,4 +116,4 @@ def select_runtime(device: str = "auto", dtype: str = "auto", *, cuda_available:
             raise UsageError("--dtype bf16: this CPU has no native bf16 (emulated it ran 8x slower than fp32); "
                              "use fp32 (or auto)")
         return Runtime(resolved, "bfloat16", f"bf16 asked for, native on this CPU ({platform.machine()})")
-    return Runtime(resolved, "float32", "CPU: fp32 (bf16 autocast changed 6% of top-1 predictions)")
+    return Runtime(resolved, "float32", "CPU: fp32 (bf16 autocast changed 6.8% of top-1 predictions)")

@@ -81,9 +81,8 @@ class Engine:
         from classify.checkpoint import read_meta
         from classify.predict import PredictSettings, Predictor
         from classify.serve.similar import SimilarIndex, build_index
-        from curator.runtime import configure_allocator, select_runtime
+        from curator.runtime import select_runtime
 
-        configure_allocator()
         runtime = select_runtime(settings.device, settings.dtype)
         predict_settings = PredictSettings(model=settings.model, backbone=settings.backbone, top_k=settings.top_k,
                                            device=settings.device, dtype=settings.dtype)

@@ -386,7 +386,8 @@ def test_classify_dir_with_a_run_sees_the_pixels_training_and_curator_clean_saw(
 
     from classify.data import PixelCache, file_items, fill_pixel_cache, read_split_table
     from classify.predict import PredictSettings, classify_dir
-    from classify.train import Crops, predict_pixels
+    from classify.data import Crops
+    from classify.inference import predict_loader
     from curator.backbones import load_backbone
     from curator.embed import cache_for
     from curator.runtime import select_runtime
@@ -409,7 +410,21 @@ def test_classify_dir_with_a_run_sees_the_pixels_training_and_curator_clean_saw(
     loaded = checkpoint.load(run)
     pixels = PixelCache(sample_ws / "cache" / "pixels", loaded.preprocess)
     assert fill_pixel_cache(pixels, file_items(frame), workers=0) == {}
-    loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(shas), None), batch_size=8)
-    probs, _ = predict_pixels(loaded.classifier, loader, select_runtime("cpu", "fp32"), loaded.tta)
+    loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(shas)), batch_size=8)
+    probs, _ = predict_loader(loaded.classifier, loader, select_runtime("cpu", "fp32"), loaded.tta)
     assert [rows[n]["label"] for n in names] == [loaded.classes[i] for i in probs.argmax(1)]
     np.testing.assert_allclose([rows[n]["confidence"] for n in names], probs.max(1), rtol=1e-4, atol=1e-5)
+
+
+def test_loading_a_run_leaves_torchs_random_generator_alone(run):
+    """Rebuilding the architecture initialises weights at random (then overwritten by the file's): that happens on
+    a fork of torch's generator, so loading (in `classify eval`, `dir` and `serve`) draws nothing from the caller's."""
+    from curator.backbones import offline_architecture
+
+    state = torch.random.get_rng_state()
+    offline_architecture("efficientnet_lite0")
+    assert not torch.equal(torch.random.get_rng_state(), state)  # building one does draw
+    state = torch.random.get_rng_state()
+    loaded = checkpoint.load(run)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert loaded.classifier.head.fc.weight.abs().sum() > 0

@@ -197,3 +197,38 @@ def test_streamed_augmentation_is_seeded_per_row_from_the_generator_whatever_the
     assert np.array_equal(crops0, crops1)
     centre = np.stack([PRE.crop_square(square_pixels(Path(items[i][0]), PRE)[0]) for i in rows0])
     assert not np.array_equal(crops0, centre)  # the augmentation ran (some seed % 7 is not 0)
+
+
+def test_the_pixel_cache_gives_the_same_seeded_crops_as_decoding_on_the_fly(tmp_path):
+    """`Crops` under a `SeededBatches` batch sampler and `StreamedBatches` draw the same order and crop seeds from
+    the same generator, so stage 2 trains on the same crops whichever path its pixels take; neither draws from the
+    process's default generator."""
+    from classify.data import Crops, SeededBatches, StreamedBatches
+
+    items = _items(6)
+    cache = PixelCache(tmp_path / "cache", PRE)
+    assert fill_pixel_cache(cache, items, workers=0) == {}
+
+    def cached(seed: int) -> tuple[list[int], np.ndarray]:
+        generator = torch.Generator().manual_seed(seed)
+        batches = SeededBatches(lambda: torch.randperm(6, generator=generator).tolist(), 6, 4, generator,
+                                drop_last=True)
+        loader = torch.utils.data.DataLoader(Crops(cache, cache.rows([s for _, s in items]), _shift),
+                                             batch_sampler=batches, generator=torch.Generator())
+        got = [(positions.tolist(), pixels.numpy()) for pixels, positions in loader]
+        assert len(loader) == len(got) == 1  # the short last batch dropped
+        return got[0]
+
+    def streamed(seed: int) -> tuple[list[int], np.ndarray]:
+        generator = torch.Generator().manual_seed(seed)
+        batches = StreamedBatches(items, PRE, batch_size=4, augment=_shift, generator=generator, drop_last=True,
+                                  order=lambda: torch.randperm(6, generator=generator).tolist())
+        (pixels, positions), = list(batches)
+        return positions.tolist(), pixels.numpy()
+
+    state = torch.get_rng_state()
+    rows, crops = cached(5)
+    assert torch.equal(torch.get_rng_state(), state)
+    other_rows, other_crops = streamed(5)
+    assert rows == other_rows and np.array_equal(crops, other_crops)
+    assert cached(6)[0] != rows  # another seed, another order

@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 from classify import checkpoint
 from classify.data import read_split_table
-from classify.train import TrainSettings, choose_threshold, class_weights, train
+from classify.scores import choose_threshold
+from classify.train import TrainSettings, train
+from classify.trainset import class_weights
 from curator import manifest
 from curator.errors import UsageError
 
@@ -236,10 +238,10 @@ def test_domain_adaptation_reports_target_accuracy_with_and_without(sample_ws, t
 def test_gradient_reversal_flips_and_scales_the_gradient():
     import torch
 
-    from classify.train import _GradientReversal, dann_coefficient
+    from classify.dann import GradientReversal, dann_coefficient
 
     x = torch.ones(3, requires_grad=True)
-    _GradientReversal.apply(x, 0.5).sum().backward()
+    GradientReversal.apply(x, 0.5).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), -0.5))
     assert dann_coefficient(0.0) == 0.0 and 0.99 < dann_coefficient(1.0) < 1.0
 
@@ -268,8 +270,7 @@ def test_training_pixels_give_the_embeddings_curator_clean_cached(run, sample_ws
     same features, to float16 precision, as `curator clean` cached for the same files."""
     import torch
 
-    from classify.data import PixelCache, file_items, fill_pixel_cache
-    from classify.train import Crops
+    from classify.data import Crops, PixelCache, file_items, fill_pixel_cache
     from curator.backbones import load_backbone
     from curator.embed import cache_for, forward_features, pixel_scale
 

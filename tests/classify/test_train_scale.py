@@ -17,17 +17,10 @@ from typer.testing import CliRunner
 
 from classify import checkpoint
 from classify.data import SplitTable, read_split_table
-from classify.train import (
-    PIXEL_CACHE,
-    STREAMED,
-    SeededAugment,
-    TrainSettings,
-    augmentation,
-    read_features,
-    stage2_pixels,
-    train,
-    train_probe,
-)
+from classify.augment import SeededAugment, augmentation
+from classify.probe import read_features, train_probe
+from classify.train import TrainSettings, train
+from classify.trainset import PIXEL_CACHE, STREAMED, stage2_pixels
 from curator.backbones import load_backbone
 from curator.embed import cache_for
 from curator.images import read_image
@@ -148,18 +141,32 @@ def test_where_stage2_reads_pixels_follows_the_budget(tmp_path):
     assert not (tmp_path / "cache").exists()  # deciding writes nothing
 
 
-def test_streamed_crops_are_the_cached_path_augmentation_seeded_per_crop():
-    settings = TrainSettings()
+def test_a_crop_is_timms_training_transform_seeded_by_its_own_seed_and_leaves_the_process_rngs_alone():
+    import pickle
+    import random
+
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from classify.rng import private_rng
+    from curator.preprocess import Preprocess
+
+    settings = TrainSettings(min_scale=0.5)
+    pre = Preprocess(64, 56, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    transform = augmentation(settings, pre)
+    crop = transform.transforms[0]
+    assert isinstance(crop, RandomResizedCropAndInterpolation) and crop.scale == (0.5, 1.0)
+    assert crop.size == (56, 56) and crop.interpolation.value == "bicubic"  # the model's data config
     square = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    augment = SeededAugment(settings, 56)
-    state = torch.get_rng_state()
+    augment = SeededAugment(settings, pre)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     a, b, other = augment(square, 7), augment(square, 7), augment(square, 8)
-    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
     assert a.dtype == np.uint8 and a.shape == (3, 56, 56) and np.array_equal(a, b) and not np.array_equal(a, other)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        cached_way = augmentation(settings, 56)(torch.from_numpy(square).permute(2, 0, 1)).numpy()
-    assert np.array_equal(a, cached_way)
+    with private_rng(7):
+        direct = transform(torch.from_numpy(square).permute(2, 0, 1)).numpy()
+    assert np.array_equal(a, direct)
+    assert np.array_equal(pickle.loads(pickle.dumps(augment))(square, 7), a)  # as a worker process gets it
 
 
 def test_read_features_copies_the_store_rows_in_chunks(sample_ws):
@@ -173,7 +180,7 @@ def test_read_features_copies_the_store_rows_in_chunks(sample_ws):
 
 
 def test_the_probe_standardising_in_place_trains_the_same_head():
-    from classify.model import FeatureHead
+    from classify.classifier import FeatureHead
 
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.standard_normal((60, 8)).astype(np.float32) * 3 + 1)

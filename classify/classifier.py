@@ -1,9 +1,12 @@
-"""The classifier: a pretrained backbone's feature vector (pooled + style statistics) into a linear head.
+"""The classifier network: a pretrained backbone's feature vector (pooled + style statistics) into a linear head, and
+which of its parts stage 2 trains.
 
 The head reads exactly the vector `curator` caches as an image's embedding (`curator.embed.forward_features`), so the
 stage-1 probe trains on cached embeddings in seconds and its weights start stage 2, where the backbone's last blocks
 are fine-tuned with the head ("linear probe, then fine-tune": the head does not wreck the pretrained features with
-random gradients in the first steps).
+random gradients in the first steps). Freezing goes through timm's `freeze`/`unfreeze`.
+
+(`classify.models` is something else: the catalogue of backbones this machine can run, for `classify models`.)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class FeatureHead(nn.Module):
         self.fc = nn.Linear(dim, classes)
 
     def set_statistics(self, features: torch.Tensor) -> None:
+        """Take the mean and standard deviation of each feature from `features` (the train split's)."""
         self.mean.copy_(features.mean(dim=0))
         self.std.copy_(features.std(dim=0).clamp_min(1e-6))
 
@@ -70,28 +74,36 @@ def block_sequence(model: nn.Module) -> tuple[str, nn.Sequential | nn.ModuleList
     return None
 
 
-def set_trainable(model: nn.Module, unfreeze: int) -> list[nn.Module]:
-    """Freeze the backbone except its last `unfreeze` blocks and every top-level module after the block sequence
-    (final conv, norm, pooling); returns the trainable modules. `unfreeze=0` freezes everything."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+def trainable_names(model: nn.Module, unfreeze: int) -> list[str]:
+    """Names (as `named_modules` gives them) of the backbone's last `unfreeze` blocks and of every top-level module
+    after the block sequence (final conv, norm, pooling); [""] (the whole model) when it has no block sequence;
+    [] when `unfreeze` is 0."""
     if unfreeze <= 0:
         return []
     found = block_sequence(model)
     if found is None:
-        modules = [model]
-    else:
-        name, seq = found
-        modules = list(seq[max(0, len(seq) - unfreeze):])
-        after = False
-        for child_name, child in model.named_children():
-            if after:
-                modules.append(child)
-            after = after or child_name == name
-    for module in modules:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    return modules
+        return [""]
+    name, seq = found
+    names = [f"{name}.{i}" for i in range(max(0, len(seq) - unfreeze), len(seq))]
+    children = [child for child, _ in model.named_children()]
+    return names + children[children.index(name) + 1:]
+
+
+def set_trainable(model: nn.Module, unfreeze: int) -> list[nn.Module]:
+    """Freeze the backbone except its last `unfreeze` blocks and what follows them (`trainable_names`), with timm's
+    `freeze`/`unfreeze`; returns the trainable modules. `unfreeze=0` freezes everything.
+
+    Batch norm stays `BatchNorm2d` (timm's `include_bn_running_stats` would swap frozen ones for
+    `FrozenBatchNorm2d`, whose tensors a checkpoint of this architecture does not have); frozen blocks keep their
+    statistics by staying in eval mode (`set_train_mode`)."""
+    from timm.utils import freeze, unfreeze as unfreeze_modules
+
+    freeze(model, include_bn_running_stats=False)
+    names = trainable_names(model, unfreeze)
+    if not names:
+        return []
+    unfreeze_modules(model, [n for n in names if n], include_bn_running_stats=False)
+    return [model.get_submodule(n) for n in names]
 
 
 def set_train_mode(classifier: Classifier, trainable: list[nn.Module]) -> None:
