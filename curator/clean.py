@@ -35,7 +35,7 @@ from curator.runtime import Runtime, select_runtime
 
 DEFAULT_WORKSPACE = Path("curated")
 #: Image statistics the decode workers measure (`curator.hashing.image_stats`), as manifest columns.
-STATS = ("brightness", "sharpness", "entropy")
+STATS = manifest.STATS_COLUMNS
 #: The embedding pass: judges every file and fills the embedding cache, with `embed_files`'s arguments and its
 #: `EmbedReport`: `curator.embed.embed_files` (this machine) or `curator.ray_embed.RayEmbedder` (a Ray cluster).
 Embedder = Callable[..., EmbedReport]

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from curator.errors import AtelierError, UsageError
-from curator.settings import DEFAULT_MAX_BYTES, DuplicateSettings, MislabelSettings, QualitySettings
+from curator.settings import DEFAULT_MAX_BYTES, QUALITY_CHECKS, DuplicateSettings, MislabelSettings, QualitySettings
 
 class PipelineOrder(TyperGroup):
     """Commands listed in the order the pipeline runs them, not alphabetically or by definition."""
@@ -345,9 +345,6 @@ def split(
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"splits: [bold]{result.path}[/]")
-
-
-QUALITY_CHECKS = ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")
 
 
 def print_clean_summary(result) -> None:

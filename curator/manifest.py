@@ -15,6 +15,7 @@ import polars as pl
 
 from curator.atomic import atomic_path
 from curator.errors import ManifestError
+from curator.settings import QUALITY_CHECKS
 
 SCHEMA_VERSION = 4  # 4: cluster and *_group ids are content-derived strings (3: row numbers)
 MANIFEST_NAME = "manifest.parquet"
@@ -65,10 +66,10 @@ OPTIONAL: dict[str, Column] = {
     "entropy": Column(pl.Float32, "grey-histogram entropy in bits (0: blank, 8 at most)"),
     # curator.quality: scores in [0, 1], lower is worse; thresholds relative to the collection (settings.json)
     **{f"is_{name}_issue": Column(pl.Boolean, f"flagged by the {name.replace('_', ' ')} image-quality check")
-       for name in ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")},
+       for name in QUALITY_CHECKS},
     **{f"{name}_score": Column(pl.Float32, f"{name.replace('_', ' ')} check: tail probability of the robust z-score "
                                            f"on the bad side (1: fine, near 0: flagged); null when not decoded")
-       for name in ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")},
+       for name in QUALITY_CHECKS},
     # curator.duplicates: one group per stage (exact, phash, embedding); scores in [0, 1], lower is worse
     "is_exact_issue": Column(pl.Boolean, "same bytes or same decoded pixels as another ok row"),
     "exact_score": Column(pl.Float32, "0 when the row has an exact copy, else 1"),

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from curator.settings import QualitySettings
+from curator.settings import QUALITY_CHECKS, QualitySettings
 
-ISSUES = ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")
+ISSUES = QUALITY_CHECKS
 STATUS = "low_quality"
 
 

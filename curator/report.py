@@ -20,6 +20,7 @@ import polars as pl
 from curator.atomic import atomic_path
 from curator.images import write_thumbnail
 from curator.paths import source_path
+from curator.settings import QUALITY_CHECKS
 
 SHOWN = 200
 THUMB_SIDE = 128
@@ -28,7 +29,7 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
 TABLES = "report"
 STATUSES = ("ok", "corrupt", "ignored", "duplicate", "conflict", "outlier", "low_quality")
-QUALITY = ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")
+QUALITY = QUALITY_CHECKS
 _TABLE_COLUMNS = ("path", "label", "status", "keep", "reason")
 
 

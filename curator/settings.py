@@ -67,6 +67,10 @@ class MislabelSettings:
             raise ValueError(f"neighbours must be at least 1; got {self.neighbours!r}")
 
 
+#: The image-quality checks (`curator.quality`), in the order the manifest, the report and the CLI list them.
+QUALITY_CHECKS = ("blurry", "dark", "bright", "low_information", "odd_aspect", "odd_size")
+
+
 @dataclass(frozen=True)
 class QualitySettings:
     """Image-quality checks (`curator.quality`); thresholds are relative to the collection: a row is flagged when

@@ -199,3 +199,12 @@ def files_containing(folder: Path, needle: bytes) -> list[Path]:
             if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
                 found.append(path)
     return found
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one test module: 2 CPUs, no dashboard; the engine reuses this connection."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'atelier[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

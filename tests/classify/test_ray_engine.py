@@ -87,15 +87,6 @@ def test_an_unreachable_cluster_is_one_line_and_leaves_nothing(small_tree, tmp_p
 # --- on a local Ray ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray for this module's tests: 2 CPUs, no dashboard; the engine reuses this connection."""
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'atelier[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def messy_sample(base: Path, every: int = 1) -> Path:
     """data/sample (every `every`-th painting) with the safe loader's odd and corrupt files, a FIFO, a link to a
     file outside the folder and a name that is not UTF-8."""

@@ -128,15 +128,6 @@ def test_ray_options_are_validated_in_one_line():
 # --- on a local Ray ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray for this module's tests: 2 CPUs, no dashboard; the engine reuses this connection."""
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'atelier[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @needs_ray
 def test_a_failure_on_the_cluster_is_one_line(local_ray):
     from curator.errors import AtelierError

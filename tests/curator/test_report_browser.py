@@ -25,6 +25,17 @@ window.addEventListener('load', () => {
 </script>"""
 
 
+def dump_dom(page, tmp_path) -> subprocess.CompletedProcess:
+    """The DOM headless Chromium holds after loading `page` (scripts run, 10 s of virtual time)."""
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=10000", "--dump-dom",
+         page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
 def test_every_report_image_loads_in_chromium(tmp_path):
@@ -34,13 +45,7 @@ def test_every_report_image_loads_in_chromium(tmp_path):
     page = result.report_path.read_text(encoding="utf-8")
     checked = result.report_path.with_name("report_check.html")
     checked.write_text(page.replace("</body>", CHECK + "</body>"), encoding="utf-8")
-    out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=10000", "--dump-dom",
-         checked.as_uri()],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
+    out = dump_dom(checked, tmp_path)
     found = re.search(r"IMAGES (\d+)/(\d+)", out.stdout)
     assert found, out.stderr[-2000:]
     good, total = int(found.group(1)), int(found.group(2))
@@ -77,13 +82,7 @@ def test_the_explorer_filters_and_opens_an_image(tmp_path):
     page = result.report_path.read_text(encoding="utf-8")
     checked = result.report_path.with_name("report_explore.html")
     checked.write_text(page.replace("</body>", EXPLORE + "</body>"), encoding="utf-8")
-    out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=10000", "--dump-dom",
-         checked.as_uri()],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
+    out = dump_dom(checked, tmp_path)
     found = re.search(r"EXPLORE (\d+) (\d+) (\w+) (\d+)", out.stdout)
     assert found, out.stderr[-2000:]
     everything, duplicates, opened, fields = int(found[1]), int(found[2]), found[3], int(found[4])
