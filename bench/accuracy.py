@@ -23,12 +23,12 @@ import numpy as np
 import polars as pl
 import torch
 
+from classify.classifier import FeatureHead
 from classify.data import read_split_table
 from classify.evaluate import evaluate
-from classify.classifier import FeatureHead
 from classify.train import TrainSettings, class_weights, macro_f1, train, train_probe
-from curator.embed import open_cache, select_parts
-from curator.splits import SplitSettings, make_splits
+from curator.embedding.embed import open_cache, select_parts
+from curator.stages.splits import SplitSettings, make_splits
 
 OUT = Path("bench/out")
 LITE0 = "efficientnet_lite0"  # the numbers in docs/BENCHMARKS.md were measured on Lite0 (Lite2 rows: see there)
@@ -122,7 +122,7 @@ def finetune(ws: Path, results: dict, probe_probs: dict[str, np.ndarray]) -> Pat
     from classify import checkpoint
     from classify.data import PixelCache
     from classify.train import Crops, predict_pixels
-    from curator.runtime import select_runtime
+    from curator.core.runtime import select_runtime
 
     table = read_split_table(ws / "splits.parquet")
     loaded = checkpoint.load(run)

@@ -20,12 +20,12 @@ import polars as pl
 import torch
 from sklearn.model_selection import GroupKFold
 
-from classify.data import read_split_table
 from classify.classifier import FeatureHead
+from classify.data import read_split_table
 from classify.train import TrainSettings, class_weights, macro_f1, train_probe
-from curator.backbones import load_backbone
-from curator.embed import open_cache
-from curator.runtime import configure_allocator
+from curator.core.runtime import configure_allocator
+from curator.embedding.backbones import load_backbone
+from curator.embedding.embed import open_cache
 
 OUT = Path("bench/out/search")
 VIEWS = (("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260),

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/allocator.py [--seconds 10] [--batch-sizes 32,64]
 
-Settings: glibc as shipped; glibc after `curator.runtime.configure_allocator()` (what our commands do); jemalloc
+Settings: glibc as shipped; glibc after `curator.core.runtime.configure_allocator()` (what our commands do); jemalloc
 preloaded (only if /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 exists); and bf16 autocast after the allocator fix.
 Reports images/s and the share of CPU time spent in the kernel (page faults show up there).
 """
@@ -22,12 +22,12 @@ JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 
 def measure(setting: str, batch_size: int, seconds: float) -> dict:
     if setting in ("fixed", "fixed+bf16"):
-        from curator.runtime import configure_allocator
+        from curator.core.runtime import configure_allocator
 
         configure_allocator()
     import torch
 
-    from curator.backbones import load_backbone
+    from curator.embedding.backbones import load_backbone
 
     model = load_backbone().model.to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)

@@ -34,8 +34,8 @@ OUT = REPO / "bench" / "out" / "dedup"
 
 def run_ours(root: Path, workspace: Path) -> dict:
     t0 = time.perf_counter()
-    from curator.clean import CleanSettings, clean
-    from curator.runtime import configure_allocator
+    from curator.core.runtime import configure_allocator
+    from curator.stages.clean import CleanSettings, clean
 
     configure_allocator()
     shutil.rmtree(workspace, ignore_errors=True)
@@ -60,7 +60,7 @@ def run_imagededup(root: Path, method: str, threshold: float) -> dict:
         from imagededup.methods import CNN
         from imagededup.utils import CustomModel
 
-        from curator.backbones import load_backbone
+        from curator.embedding.backbones import load_backbone
 
         backbone = load_backbone()
 
@@ -165,7 +165,7 @@ def main() -> None:
         args.result.write_text(json.dumps(result))
         return
 
-    from curator.planting import KINDS, plant_tree
+    from curator.stages.planting import KINDS, plant_tree
 
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)

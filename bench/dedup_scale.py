@@ -61,8 +61,8 @@ def synthetic(n: int, radius: int, crop_radius: int) -> dict:
 
 def search(n: int, which: str, method: str) -> dict:
     """One timed search in this process."""
-    from curator.duplicates import DuplicateSettings
-    from curator.hamming_search import choose_plan, popcount64, radius_search
+    from curator.core.hamming_search import choose_plan, popcount64, radius_search
+    from curator.stages.duplicates import DuplicateSettings
 
     settings = DuplicateSettings()
     data = synthetic(n, settings.phash_radius, settings.crop_radius)
@@ -146,7 +146,7 @@ def compare(sizes: list[int], flat_limit: float, json_path: str | None) -> None:
 
 def stages(n: int, dim: int) -> dict:
     """The previous benchmark: `phash_pairs` and the embedding stage on synthetic data with planted copies."""
-    from curator.duplicates import DuplicateSettings, embedding_pairs, phash_pairs, similarity
+    from curator.stages.duplicates import DuplicateSettings, embedding_pairs, phash_pairs, similarity
 
     rng = np.random.default_rng(n)
     phash = rng.integers(0, 2**63, size=n, dtype=np.uint64) << np.uint64(1) | rng.integers(0, 2, n, dtype=np.uint64)

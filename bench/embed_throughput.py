@@ -5,12 +5,12 @@
 Each contender runs in a fresh subprocess (the allocator setting is per process), alternating, and the median of
 each is reported:
 - plain: PIL open + timm's eval transform + fp32 lite0, batch 64, glibc's allocator as shipped, one process.
-- ours: `curator.clean.clean` with its defaults (allocator fix, dtype by capability check, decode workers),
+- ours: `curator.stages.clean.clean` with its defaults (allocator fix, dtype by capability check, decode workers),
   on a cold cache; then a rerun on the warm cache. Its "whole process" stops where the plain loop's work stops
   (every image judged, fingerprinted and embedded); the later stages of `clean` (duplicates, mislabels, report)
   are timed and printed separately.
 It also measures how often bf16 and fp16 autocast change lite0's ImageNet top-1 against fp32 (the dtype rule in
-curator/runtime.py stands on it: a low-precision default must agree on >= 99%).
+curator/core/runtime.py stands on it: a low-precision default must agree on >= 99%).
 Whole-process time includes importing torch and loading the model in both contenders.
 """
 
@@ -36,7 +36,7 @@ def run_plain(data: Path, batch_size: int = 64) -> dict:
     import torch
     from PIL import Image
 
-    from curator.backbones import load_backbone
+    from curator.embedding.backbones import load_backbone
 
     backbone = load_backbone()
     model = backbone.model
@@ -54,8 +54,8 @@ def run_plain(data: Path, batch_size: int = 64) -> dict:
 
 def run_ours(data: Path, workspace: Path) -> dict:
     t0 = time.perf_counter()
-    from curator.clean import CleanSettings, clean
-    from curator.runtime import configure_allocator
+    from curator.core.runtime import configure_allocator
+    from curator.stages.clean import CleanSettings, clean
 
     configure_allocator()
     result = clean(CleanSettings(root=data, workspace=workspace))
@@ -72,9 +72,9 @@ def run_agreement(data: Path, limit: int) -> dict:
     import torch
     from PIL import Image
 
-    from curator.backbones import load_backbone
-    from curator.preprocess import Preprocess
-    from curator.runtime import configure_allocator
+    from curator.core.runtime import configure_allocator
+    from curator.embedding.backbones import load_backbone
+    from curator.embedding.preprocess import Preprocess
 
     configure_allocator()
     backbone = load_backbone()

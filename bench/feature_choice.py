@@ -35,10 +35,10 @@ def main() -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from curator import manifest
-    from curator.clean import CleanSettings, clean
-    from curator.embed import open_cache, select_parts
-    from curator.runtime import configure_allocator
+    from curator.core import manifest
+    from curator.core.runtime import configure_allocator
+    from curator.embedding.embed import open_cache, select_parts
+    from curator.stages.clean import CleanSettings, clean
 
     configure_allocator()
     t0 = time.perf_counter()

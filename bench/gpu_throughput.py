@@ -5,12 +5,12 @@ the end): the paintings as stored (224 px in wikiart-dev), and the same painting
 side with Pillow's bicubic filter and saved as JPEG quality 90 (the size of real WikiArt downloads). The data is
 ../shared/data/wikiart-dev; where that is absent (a GPU machine without network) data/sample, the 150 public-domain
 paintings in the repository, copied as often as the size asks. Nothing is downloaded: the weights are the offline
-EfficientNet-Lite0 (`curator.backbones`).
+EfficientNet-Lite0 (`curator.embedding.backbones`).
 
 On both trees, alternating (the order reversed every other round), each run a fresh process, pages in the OS cache:
 - model only: a uint8 batch already on the device, normalised there, forward + softmax + top-5 (fp16 autocast on
   CUDA, fp32 with `configure_allocator()` on CPU), channels_last: the ceiling of the model side;
-- decode only: today's CPU loader (`curator.images.read_image` with the draft size + `Preprocess.pixels`) in
+- decode only: today's CPU loader (`curator.core.images.read_image` with the draft size + `Preprocess.pixels`) in
   --decode-procs processes over the tree: the ceiling of the CPU decode side;
 - `classify dir` with its defaults, and tuned (--batch-size/--workers given), as `python -m classify.cli dir`: the
   whole process is timed (import, model load, listing, writing Parquet), and the images/s the command itself reports
@@ -152,8 +152,8 @@ def child_model(device: str, batch_size: int, seconds: float) -> dict:
     """Model-only ceiling: a random uint8 batch on `device`, normalised there, forward, softmax, top-5."""
     import torch
 
-    from curator.backbones import load_backbone
-    from curator.runtime import configure_allocator
+    from curator.core.runtime import configure_allocator
+    from curator.embedding.backbones import load_backbone
 
     configure_allocator()
     cuda = device == "cuda"
@@ -196,7 +196,7 @@ _PREPROCESS = None
 
 def _decode_one(path: str) -> bool:
     """Today's CPU loader on one file: read through the safe loader, preprocess to uint8 CHW."""
-    from curator.images import read_image
+    from curator.core.images import read_image
 
     decoded = read_image(Path(path), _PREPROCESS.draft_size)
     if not decoded.info.ok:
@@ -209,8 +209,8 @@ def child_decode(tree: Path, procs: int) -> dict:
     """Decode-only ceiling: every file of `tree` through today's loader in `procs` processes (pool warmed first)."""
     import timm
 
-    from curator.backbones import load_backbone
-    from curator.preprocess import Preprocess
+    from curator.embedding.backbones import load_backbone
+    from curator.embedding.preprocess import Preprocess
 
     global _PREPROCESS
     model = load_backbone("efficientnet_lite0").model
@@ -234,12 +234,17 @@ def child_peer(tree: Path, out: Path, device: str, batch_size: int, workers: int
 
     import numpy as np
     import torch
-    from timm.data import (DatasetInfoLabelMapper, ImageNetInfo, create_dataset, create_loader,
-                           infer_imagenet_subset, resolve_input_data_config)
-
+    from timm.data import (
+        DatasetInfoLabelMapper,
+        ImageNetInfo,
+        create_dataset,
+        create_loader,
+        infer_imagenet_subset,
+        resolve_input_data_config,
+    )
     from timm.utils import setup_default_logging
 
-    from curator.backbones import load_backbone
+    from curator.embedding.backbones import load_backbone
 
     setup_default_logging()
     torch.backends.cudnn.benchmark = True
@@ -507,7 +512,7 @@ class Bench:
             "model": f"a uint8 batch of {a.batch_size} already on {self.device}, normalised there, "
                      f"{'fp16 autocast' if self.device == 'cuda' else 'fp32'}, channels_last, forward + softmax + "
                      f"top-5",
-            "decode": f"curator.images.read_image (draft) + Preprocess.pixels in {a.decode_procs} processes",
+            "decode": f"curator.core.images.read_image (draft) + Preprocess.pixels in {a.decode_procs} processes",
             "defaults": "python -m classify.cli dir DIR --out OUT",
             "tuned": f"python -m classify.cli dir DIR --out OUT {tuned}",
             "baseline": f"the same as defaults with PYTHONPATH={a.baseline}",

@@ -7,7 +7,7 @@
 Takes the rows of a cleaned workspace that survive duplicates and label conflicts (stage 6's own verdicts are
 ignored), swaps a fraction of
 the labels to a different class at random, and scores:
-- ours: `curator.mislabels.score_mislabels` (grouped out-of-fold probe + kNN without same-artist neighbours,
+- ours: `curator.stages.mislabels.score_mislabels` (grouped out-of-fold probe + kNN without same-artist neighbours,
   count from the empirical null);
 - cleanlab `filter.find_label_issues` fed the same out-of-fold probe probabilities (grouped folds too);
 - cleanlab `Datalab.find_issues` with the same probabilities and the embeddings as features.
@@ -54,9 +54,9 @@ def main() -> None:
     import polars as pl
     from cleanlab.filter import find_label_issues
 
-    from curator import manifest
-    from curator.embed import embedding_matrix, open_cache
-    from curator.mislabels import MislabelSettings, score_mislabels
+    from curator.core import manifest
+    from curator.embedding.embed import embedding_matrix, open_cache
+    from curator.stages.mislabels import MislabelSettings, score_mislabels
 
     # the rows that survive duplicates and conflicts, before stage 6 removes any (ok or outlier)
     df = manifest.read(args.workspace).filter(pl.col("status").is_in(["ok", "outlier"]))

@@ -4,7 +4,7 @@
     .venv/bin/python bench/neighbours_scale.py --probe bench/out/wikiart-dev [--seeds 1]
 
 Per size, in a fresh process (so peak RSS is that size's): N "real-like" 2,304-wide unit embeddings
-(`curator.neighbours.synthetic_embeddings`: class centres, per-artist offsets, power-law noise, 1% planted
+(`curator.core.neighbours.synthetic_embeddings`: class centres, per-artist offsets, power-law noise, 1% planted
 near-copies), held as `curator clean` holds them (float32 up to `EXACT_LIMIT`, float16 `UnitRows` above), then
 - `knn` with the width `curator clean` asks for (`graph_width`: the duplicate cascade's 8 and the vote's candidates);
 - pair recall against exact search for 2,000 random rows (faiss-free exact top-k over all N, read in chunks), at
@@ -63,8 +63,7 @@ def swap_labels(labels: np.ndarray, classes: int, rate: float, seed: int) -> tup
 
 def run(n: int, dim: int = 2304, seed: int = 0, queries: int = 2000) -> dict:
     """One size: generate, search, measure recall, run the mislabel stage (see the module docstring)."""
-    from curator.mislabels import MislabelSettings, score_mislabels, vote_size
-    from curator.neighbours import (
+    from curator.core.neighbours import (
         EXACT_LIMIT,
         Neighbourhood,
         UnitRows,
@@ -75,6 +74,7 @@ def run(n: int, dim: int = 2304, seed: int = 0, queries: int = 2000) -> dict:
         pair_recall,
         synthetic_embeddings,
     )
+    from curator.stages.mislabels import MislabelSettings, score_mislabels, vote_size
 
     out: dict = {"n": n, "dim": dim}
     start = _clock()
@@ -121,10 +121,10 @@ def probe_comparison(workspace: Path, seeds: int) -> list[dict]:
     """Today's probe against the fast one on a cleaned workspace (see the module docstring)."""
     import polars as pl
 
-    import curator.mislabels as mislabels
-    from curator import manifest
-    from curator.embed import embedding_matrix, open_cache
-    from curator.mislabels import MislabelSettings, score_mislabels
+    import curator.stages.mislabels as mislabels
+    from curator.core import manifest
+    from curator.embedding.embed import embedding_matrix, open_cache
+    from curator.stages.mislabels import MislabelSettings, score_mislabels
 
     df = manifest.read(workspace).filter(pl.col("status").is_in(["ok", "outlier"]))
     meta = manifest.read_metadata(workspace / manifest.MANIFEST_NAME)

@@ -49,11 +49,11 @@ if task == "classify":
         result = classify_dir(tree, scratch / "p.parquet", PredictSettings())
     files, pipeline = result.files, result.seconds
 else:
-    from curator.backbones import load_backbone
-    from curator.embed import cache_for, embed_files
-    from curator.images import ReadPolicy, scan
-    from curator.runtime import select_runtime
-    from curator.ray_embed import RayEmbedder
+    from curator.embedding.backbones import load_backbone
+    from curator.embedding.embed import cache_for, embed_files
+    from curator.core.images import ReadPolicy, scan
+    from curator.core.runtime import select_runtime
+    from curator.embedding.ray_embed import RayEmbedder
     backbone = load_backbone("efficientnet_lite0")
     paths = scan(tree)
     embed = RayEmbedder() if engine == "ray" else embed_files

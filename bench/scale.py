@@ -4,7 +4,7 @@
     .venv/bin/python bench/scale.py tree --dev ../shared/data/wikiart-dev [--files 30000] [--dir DIR]
 
 - listing (c): a tree of `--files` hard links to one sample JPEG (1,000 per folder) is listed the way
-  `classify dir` lists it (`classify.predict._Inputs`, the lazy `curator.images.iter_files`), and a `--resume` is
+  `classify dir` lists it (`classify.predict._Inputs`, the lazy `curator.core.images.iter_files`), and a `--resume` is
   prepared the way `classify dir` prepares it: parts holding `--done` rows are read (`_read_parts`) and the listing
   is filtered against them (`_Chunks`) down to the files still to do. No model runs. Each phase runs in a process of
   its own, so its peak RSS is its own.
@@ -69,7 +69,7 @@ def write_done_parts(root: Path, out: Path, done: int, per_part: int = 50_000) -
     import pyarrow.parquet as pq
 
     from classify.predict import _Inputs, _schema, parts_folder
-    from curator.paths import relative_text
+    from curator.core.paths import relative_text
 
     schema = _schema(False)
     parts = parts_folder(out)
@@ -146,15 +146,15 @@ COPY_KINDS = ("reencode", "resize", "crop")
 
 
 def make_copy_tree(dev: Path, out: Path, files: int, seed: int = 0) -> list[tuple[str, str]]:
-    """`out` holds every painting of `dev` (hard links) and transformed copies of them (`curator.planting.make_copy`:
-    JPEG re-encodes at quality 25-45, 0.5-0.7x resizes, 5-10% crops) beside their originals, up to `files` in all.
-    Returns the planted (copy, original) pairs as paths relative to `out`."""
+    """`out` holds every painting of `dev` (hard links) and transformed copies of them
+    (`curator.stages.planting.make_copy`: JPEG re-encodes at quality 25-45, 0.5-0.7x resizes, 5-10% crops) beside their
+    originals, up to `files` in all. Returns the planted (copy, original) pairs as paths relative to `out`."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    from curator.planting import make_copy
+    from curator.stages.planting import make_copy
 
     rng = np.random.default_rng(seed)
     originals = sorted(p for p in dev.rglob("*.jpg"))
@@ -176,7 +176,7 @@ def make_copy_tree(dev: Path, out: Path, files: int, seed: int = 0) -> list[tupl
 
 
 def phase_clean(root: str, workspace: str) -> dict:
-    from curator.clean import CleanSettings, clean
+    from curator.stages.clean import CleanSettings, clean
 
     t0 = time.perf_counter()
     result = clean(CleanSettings(root=Path(root), workspace=Path(workspace), group_pattern="^([^_]+)_"))
@@ -186,7 +186,7 @@ def phase_clean(root: str, workspace: str) -> dict:
 
 def planted_recall(workspace: Path, planted: list[tuple[str, str]]) -> float:
     """Share of planted copies in the same duplicate cluster as their original."""
-    from curator import manifest
+    from curator.core import manifest
 
     frame = manifest.read(workspace)
     cluster = dict(zip(frame["path"].to_list(), frame["cluster"].to_list()))

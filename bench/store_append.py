@@ -1,4 +1,4 @@
-"""Appending embeddings to the cache: the old concatenate-per-batch loop vs `curator.store.RecordStore`.
+"""Appending embeddings to the cache: the old concatenate-per-batch loop vs `curator.core.store.RecordStore`.
 
     .venv/bin/python bench/store_append.py [--sizes 10000,20000,40000,100000] [--dim 2304] [--batch 32]
         [--old-limit 900] [--dir DIR]
@@ -69,7 +69,7 @@ def run_old(path: Path, n: int, dim: int, batch: int) -> dict:
 
 def run_new(path: Path, n: int, dim: int, batch: int) -> dict:
     """`EmbeddingCache.append` on the record store, then a reopen and a 32-row `get`."""
-    from curator.embed import EmbeddingCache
+    from curator.embedding.embed import EmbeddingCache
 
     cache = EmbeddingCache(path.parent, path.stem, dim)
     t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def run_new(path: Path, n: int, dim: int, batch: int) -> dict:
 
 
 def child(way: str, n: int, dim: int, batch: int, directory: Path) -> None:
-    import curator.embed  # noqa: F401  both ways carry the same imports, so the RSS columns compare appending
+    import curator.embedding.embed  # noqa: F401  both ways carry the same imports, so the RSS columns compare appending
 
     path = directory / f"{way}-{n}.emb"
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

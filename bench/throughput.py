@@ -58,7 +58,7 @@ def run_reference(tree: Path, out: Path) -> dict:
     import torch
     from torchvision.datasets import ImageFolder
 
-    from curator.backbones import load_backbone
+    from curator.embedding.backbones import load_backbone
 
     t = time.perf_counter()
     backbone = load_backbone()

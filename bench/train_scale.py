@@ -54,8 +54,8 @@ def loadavg() -> str:
 
 def prepare(data: Path, workspace: Path) -> float:
     """`curator clean` + `curator split` of `data` into `workspace`; returns the seconds taken."""
-    from curator.clean import CleanSettings, clean
-    from curator.splits import SplitSettings, make_splits
+    from curator.stages.clean import CleanSettings, clean
+    from curator.stages.splits import SplitSettings, make_splits
 
     t0 = time.perf_counter()
     clean(CleanSettings(root=data, workspace=workspace, group_pattern=PATTERN, workers=1))
@@ -93,7 +93,7 @@ def fill_seconds(workspace: Path, model: str, scratch: Path) -> tuple[float, int
     """What the old path did first on every run: decode every train/val image into a pixel cache (here a scratch
     folder, so the workspace is not touched). Returns (seconds, records, bytes)."""
     from classify.data import PixelCache, file_items, fill_pixel_cache, read_split_table
-    from curator.backbones import load_backbone
+    from curator.embedding.backbones import load_backbone
 
     table = read_split_table(workspace / "splits.parquet")
     frame = table.frame.filter(table.frame["split"].is_in(["train", "val"]))
@@ -123,7 +123,7 @@ def main() -> None:
         prep = prepare(args.data, workspace)
         print(f"clean + split of {args.data}: {prep:.1f} s")
         from classify.data import read_split_table
-        from curator.backbones import load_backbone
+        from curator.embedding.backbones import load_backbone
 
         table = read_split_table(workspace / "splits.parquet")
         images = len(table.frame)  # the old path decoded every row of the splits file, test included

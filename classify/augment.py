@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from classify.rng import private_rng
-from curator.preprocess import Preprocess
+from curator.embedding.preprocess import Preprocess
 
 if TYPE_CHECKING:
     from classify.train_settings import TrainSettings

@@ -1,9 +1,9 @@
 """Checkpoints: `model.safetensors` (every tensor of backbone and head) + `model.json` (everything else).
 
 Loading never unpickles: tensors come from safetensors, the rest from JSON. Loading is offline by construction: the
-backbone is rebuilt from its architecture name with random weights (`curator.backbones.offline_architecture`, which
-refuses any name that only a hub could resolve, such as `hf-hub:...`) and then takes every tensor from the file, so a
-checkpoint loads with no network whatever backbone it was trained on, and never contacts one.
+backbone is rebuilt from its architecture name with random weights (`curator.embedding.backbones.offline_architecture`,
+which refuses any name that only a hub could resolve, such as `hf-hub:...`) and then takes every tensor from the file,
+so a checkpoint loads with no network whatever backbone it was trained on, and never contacts one.
 
 Everything a checkpoint says is checked before it is trusted, in this order, so that a damaged or hostile run is a
 one-line `UsageError` before any large allocation: the structure of model.json (`validate_meta`: every key, type and
@@ -11,10 +11,10 @@ size, e.g. input sides within MIN_SIDE..MAX_SIDE pixels), the backbone name, the
 widths agreeing with the class list and the feature layout), then every backbone tensor's name and shape against a
 skeleton of the architecture on PyTorch's meta device (no memory), and only then the model is allocated.
 
-model.json's `preprocessing` records the model's `curator.preprocess.Preprocess` (resize, crop, interpolation, mean,
-std, version) and the test-time augmentation; loading rebuilds that Preprocess (`Loaded.preprocess`), after checking
-that it is the one the backbone's data config gives. Runs written before it was recorded (`resize_side` and `crop`
-only, squares resized with bicubic) load as a Preprocess with bicubic interpolation.
+model.json's `preprocessing` records the model's `curator.embedding.preprocess.Preprocess` (resize, crop, interpolation,
+mean, std, version) and the test-time augmentation; loading rebuilds that Preprocess (`Loaded.preprocess`), after
+checking that it is the one the backbone's data config gives. Runs written before it was recorded (`resize_side` and
+`crop` only, squares resized with bicubic) load as a Preprocess with bicubic interpolation.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from typing import NoReturn
 import torch
 
 from classify.classifier import Classifier
-from curator.atomic import atomic_path
-from curator.backbones import Backbone, feature_layout_of, offline_architecture, timm_architecture
-from curator.errors import UsageError
-from curator.preprocess import INTERPOLATIONS, VERSION as PREPROCESS_VERSION, Preprocess
+from curator.core.atomic import atomic_path
+from curator.core.errors import UsageError
+from curator.embedding.backbones import Backbone, feature_layout_of, offline_architecture, timm_architecture
+from curator.embedding.preprocess import INTERPOLATIONS, Preprocess
+from curator.embedding.preprocess import VERSION as PREPROCESS_VERSION
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"

@@ -1,10 +1,10 @@
 """The classifier network: a pretrained backbone's feature vector (pooled + style statistics) into a linear head, and
 which of its parts stage 2 trains.
 
-The head reads exactly the vector `curator` caches as an image's embedding (`curator.embed.forward_features`), so the
-stage-1 probe trains on cached embeddings in seconds and its weights start stage 2, where the backbone's last blocks
-are fine-tuned with the head ("linear probe, then fine-tune": the head does not wreck the pretrained features with
-random gradients in the first steps). Freezing goes through timm's `freeze`/`unfreeze`.
+The head reads exactly the vector `curator` caches as an image's embedding (`curator.embedding.embed.forward_features`),
+so the stage-1 probe trains on cached embeddings in seconds and its weights start stage 2, where the backbone's last
+blocks are fine-tuned with the head ("linear probe, then fine-tune": the head does not wreck the pretrained features
+with random gradients in the first steps). Freezing goes through timm's `freeze`/`unfreeze`.
 
 (`classify.models` is something else: the catalogue of backbones this machine can run, for `classify models`.)
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from curator.backbones import Backbone
-from curator.embed import forward_features, pixel_scale
+from curator.embedding.backbones import Backbone
+from curator.embedding.embed import forward_features, pixel_scale
 
 
 class FeatureHead(nn.Module):
@@ -96,7 +96,8 @@ def set_trainable(model: nn.Module, unfreeze: int) -> list[nn.Module]:
     Batch norm stays `BatchNorm2d` (timm's `include_bn_running_stats` would swap frozen ones for
     `FrozenBatchNorm2d`, whose tensors a checkpoint of this architecture does not have); frozen blocks keep their
     statistics by staying in eval mode (`set_train_mode`)."""
-    from timm.utils import freeze, unfreeze as unfreeze_modules
+    from timm.utils import freeze
+    from timm.utils import unfreeze as unfreeze_modules
 
     freeze(model, include_bn_running_stats=False)
     names = trainable_names(model, unfreeze)

@@ -15,8 +15,8 @@ from classify.serve import DEFAULT_MAX_BYTES as SERVE_MAX_BYTES
 from classify.serve import DEFAULT_MAX_WAIT_MS as SERVE_MAX_WAIT_MS
 from classify.serve import DEFAULT_PORT as SERVE_PORT
 from curator.cli import fail, progress_bar
-from curator.errors import AtelierError
-from curator.runtime import configure_allocator
+from curator.core.errors import AtelierError
+from curator.core.runtime import configure_allocator
 
 app = typer.Typer(
     name="classify",
@@ -264,8 +264,8 @@ def classify_directory(
     2,048-file shard written to OUT.parts as it finishes; DIRECTORY and OUT must be at the same path on every node.
     """
     from classify.predict import PredictSettings, classify_dir
-    from curator.paths import display
-    from curator.ray_embed import engine_settings
+    from curator.core.paths import display
+    from curator.embedding.ray_embed import engine_settings
 
     try:
         ray_settings = engine_settings(engine, address, num_gpus_per_worker, concurrency)
@@ -326,7 +326,7 @@ def serve(
     JSON error. Needs the serve extra: pip install 'atelier[serve]'.
     """
     from classify.serve import require_extra
-    from curator.errors import UsageError
+    from curator.core.errors import UsageError
 
     try:
         require_extra()

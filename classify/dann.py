@@ -23,8 +23,8 @@ from classify.data import PixelCache, file_items, fill_pixel_cache, folder_image
 from classify.inference import predict_rows
 from classify.scores import macro_f1
 from classify.train_settings import TrainSettings
-from curator.errors import UsageError
-from curator.runtime import Runtime
+from curator.core.errors import UsageError
+from curator.core.runtime import Runtime
 
 Event = Callable[[str, dict], None]
 

@@ -7,7 +7,8 @@ interpolation, the centre kept: exactly the region the eval transform crops from
   reruns and other settings read that memory-mapped file; RAM stays bounded by the page cache. It costs
   `pixel_record_bytes` per image on disk (255,828 bytes at Lite2's 292-pixel square: 26 GB per 100,000 images), so
   `classify train` fills it only when stage 2 runs and the images fit its budget;
-- `StreamedBatches`: the files decoded on the fly through the batched data plane (`curator.dataplane`, the loader
+- `StreamedBatches`: the files decoded on the fly through the batched data plane (`curator.embedding.dataplane`, the
+loader
   `classify dir` and `curator clean` use), batch by batch, in an order drawn for each pass: nothing is written.
 
 Both give the same training crops: `SeededBatches` draws each pass's positions and one seed per crop from the run's
@@ -32,19 +33,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from curator import manifest
-from curator.atomic import atomic_path
-from curator.errors import UsageError
-from curator.hashing import file_sha256
-from curator.images import ReadPolicy, decode_bytes, looks_like_image, read_image, read_source, scan
-from curator.paths import from_text, relative_text, to_text
-from curator.preprocess import Preprocess
-from curator.store import RecordStore, set_aside, sha_array
+from curator.core import manifest
+from curator.core.atomic import atomic_path
+from curator.core.errors import UsageError
+from curator.core.hashing import file_sha256
+from curator.core.images import ReadPolicy, decode_bytes, looks_like_image, read_image, read_source, scan
+from curator.core.paths import from_text, relative_text, to_text
+from curator.core.store import RecordStore, set_aside, sha_array
+from curator.embedding.preprocess import Preprocess
 
 if TYPE_CHECKING:
     import torch
 
-    from curator.dataplane import Context, Item
+    from curator.embedding.dataplane import Context, Item
 
 SPLITS = ("train", "val", "test")
 ProgressFn = Callable[[int], None]
@@ -141,9 +142,9 @@ def file_items(frame: pl.DataFrame) -> list[tuple[str, str]]:
 class PixelCache:
     """Append-only file of (sha256, crc32, uint8 side x side x 3) records, memory-mapped for reading, with a
     metadata file (side, record size, format, and the preprocessing key). `side` is `preprocess.resize`: a record is
-    `preprocess.square(image)`. The records live in a `curator.store.RecordStore`: appending costs O(batch), reads
+    `preprocess.square(image)`. The records live in a `curator.core.store.RecordStore`: appending costs O(batch), reads
     touch only the rows asked for, and an interrupted run loses at most the batch in flight (fsync every 64 MB and
-    on `flush`/`close`; see `curator.store` for what a machine crash can lose).
+    on `flush`/`close`; see `curator.core.store` for what a machine crash can lose).
 
     The files are named by the preprocessing (`pixels-SIDE-HASH.u8` and `.json`, HASH from `preprocess.key()`), so a
     model with other preprocessing (interpolation, crop, resize, version of the geometry) uses a cache of its own
@@ -355,7 +356,7 @@ def seeded_chunks(positions: Sequence[int], batch_size: int, generator: torch.Ge
     seed 0 (centre crops draw nothing)."""
     import torch
 
-    from curator.dataplane import chunked
+    from curator.embedding.dataplane import chunked
 
     positions = [int(i) for i in positions]
     if generator is not None:
@@ -423,7 +424,7 @@ class FileWork:
     augment: Augment | None = None
 
     def __call__(self, x: tuple[int, int], ctx: Context) -> Item:
-        from curator.dataplane import Item
+        from curator.embedding.dataplane import Item
 
         position, seed = x
         path, sha = self.items[position]
@@ -475,7 +476,7 @@ class StreamedBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import torch
 
-        from curator.dataplane import DataPlane
+        from curator.embedding.dataplane import DataPlane
 
         crop = self.preprocess.crop
         plane = DataPlane(partial(iter, self._chunks()), FileWork(self.items, self.preprocess, self.augment),

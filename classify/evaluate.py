@@ -19,7 +19,7 @@ Outputs, in one folder:
 
 Plots are drawn on explicit Agg figures (`matplotlib.figure.Figure` with its own `FigureCanvasAgg`): evaluating
 never switches matplotlib's backend or touches pyplot's global state. Nor does it change any other process-wide
-state: the allocator setting is the CLI's (`curator.runtime.configure_allocator`), and the model is rebuilt and the
+state: the allocator setting is the CLI's (`curator.core.runtime.configure_allocator`), and the model is rebuilt and the
 batches loaded without drawing from the process's random generators. Probabilities, the flip TTA, the label a row
 gets and its top-k come from `classify.inference`, the code `classify train` and `classify dir` use.
 """
@@ -39,14 +39,14 @@ import torch
 from classify import checkpoint
 from classify.data import Crops, PixelCache, file_items, fill_pixel_cache, folder_images, read_split_table
 from classify.inference import decide, predict_loader, top_k
-from curator import manifest
-from curator.atomic import atomic_path
-from curator.embed import default_workers
-from curator.errors import UsageError
-from curator.ownership import claim
-from curator.images import write_thumbnail
-from curator.paths import from_text
-from curator.runtime import Runtime, select_runtime
+from curator.core import manifest
+from curator.core.atomic import atomic_path
+from curator.core.errors import UsageError
+from curator.core.images import write_thumbnail
+from curator.core.ownership import claim
+from curator.core.paths import from_text
+from curator.core.runtime import Runtime, select_runtime
+from curator.embedding.embed import default_workers
 
 Event = Callable[[str, dict], None]
 ERRORS_SHOWN = 300

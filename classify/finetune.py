@@ -35,7 +35,7 @@ from classify.rng import private_rng
 from classify.scores import val_scores
 from classify.train_settings import TrainSettings
 from classify.trainset import Order, TrainingData
-from curator.runtime import Runtime
+from curator.core.runtime import Runtime
 
 Event = Callable[[str, dict], None]
 

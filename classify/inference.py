@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from classify.classifier import Classifier
-from curator.runtime import Runtime
+from curator.core.runtime import Runtime
 
 
 def class_probabilities(classifier: Classifier, pixels: torch.Tensor, runtime: Runtime,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from curator.backbones import REGISTRY, load_backbone
+from curator.embedding.backbones import REGISTRY, load_backbone
 
 
 @dataclass(frozen=True)

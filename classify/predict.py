@@ -1,28 +1,29 @@
 """`classify dir`: classify every file under a folder into one Parquet file, streaming, resumable, fast.
 
-Files are listed lazily (`curator.images.iter_files`) and go through the batched data plane (`curator.dataplane`):
-decode workers read each file through the same safe loader as `curator clean` and fill one contiguous uint8 batch
-with the model's preprocessing (`curator.preprocess.Preprocess`, from the backbone's data config; for a trained run,
-the checkpoint's backbone); on CUDA, JPEGs are decoded on the GPU (`curator.gpu_decode`) and batches are copied to
-it while the model runs. Rows are built as Arrow arrays, a batch at a time, and flushed every `flush_every` files as
-numbered part files (each written atomically) in `OUT.parts/`, so a run killed at any moment, SIGKILL included,
-keeps every flushed row readable. `resume` skips the files already in the parts and continues; at the end the parts
-are joined into OUT (atomically) and removed. Flushes fall on batch boundaries and a resumed run starts on one, so
-its batches, and therefore its numbers, are the same as an uninterrupted run's.
+Files are listed lazily (`curator.core.images.iter_files`) and go through the batched data plane
+(`curator.embedding.dataplane`): decode workers read each file through the same safe loader as `curator clean` and fill
+one contiguous uint8 batch with the model's preprocessing (`curator.embedding.preprocess.Preprocess`, from the
+backbone's data config; for a trained run, the checkpoint's backbone); on CUDA, JPEGs are decoded on the GPU
+(`curator.embedding.gpu_decode`) and batches are copied to it while the model runs. Rows are built as Arrow arrays, a
+batch at a time, and flushed every `flush_every` files as numbered part files (each written atomically) in `OUT.parts/`,
+so a run killed at any moment, SIGKILL included, keeps every flushed row readable. `resume` skips the files already in
+the parts and continues; at the end the parts are joined into OUT (atomically) and removed. Flushes fall on batch
+boundaries and a resumed run starts on one, so its batches, and therefore its numbers, are the same as an uninterrupted
+run's.
 
-`OUT.parts/` is atelier's own folder (an `.atelier` marker, see `curator.ownership`) and records the run's
+`OUT.parts/` is atelier's own folder (an `.atelier` marker, see `curator.core.ownership`) and records the run's
 fingerprint (folder, model, options that change rows); `resume` refuses parts of another run, and the clean-up
 removes only the files atelier wrote there. OUT, its parts and their temporary files are never rows themselves, even
-when OUT lies inside the folder. Every file is read through `curator.images.read_source` (regular files only, at most
-`max_bytes`, symbolic links leaving the folder not followed), so FIFOs, devices and outside links become rows.
+when OUT lies inside the folder. Every file is read through `curator.core.images.read_source` (regular files only, at
+most `max_bytes`, symbolic links leaving the folder not followed), so FIFOs, devices and outside links become rows.
 
-One row per file: path (relative to the folder, escaped when the name is not UTF-8, see `curator.paths`),
+One row per file: path (relative to the folder, escaped when the name is not UTF-8, see `curator.core.paths`),
 path_escaped, label, confidence, topk_labels, topk_scores, error, model, and with `embeddings` the feature vector
 (pooled + style statistics). An unreadable file is a row with an `error`.
 
-Defaults by device (`curator.dataplane`): batch 256 and cores - 1 decode workers on CUDA; batch 64 and one worker
-per four cores on a CPU (one on two cores); no worker processes at all for a folder of at most `SMALL_RUN` files (so
-a small folder starts at once).
+Defaults by device (`curator.embedding.dataplane`): batch 256 and cores - 1 decode workers on CUDA; batch 64 and one
+worker per four cores on a CPU (one on two cores); no worker processes at all for a folder of at most `SMALL_RUN` files
+(so a small folder starts at once).
 """
 
 from __future__ import annotations
@@ -42,18 +43,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from curator.atomic import atomic_path
-from curator.backbones import DEFAULT_BACKBONE, load_backbone
-from curator.dataplane import (Context, DataPlane, Item, PlaneStats, Ready, chunked, choose_workers,
-                               decode_routed, default_batch_size)
-from curator.embed import forward_features, pixel_scale
-from curator.errors import UsageError
-from curator.images import (DEFAULT_MAX_BYTES, STATUS_CORRUPT, Decoded, ReadPolicy, decode_bytes, iter_files,
-                            read_source)
-from curator.ownership import MARKER, claim, marker_kind
-from curator.paths import display, relative_text
-from curator.preprocess import Preprocess
-from curator.runtime import Runtime, select_runtime
+from curator.core.atomic import atomic_path
+from curator.core.errors import UsageError
+from curator.core.images import (
+    DEFAULT_MAX_BYTES,
+    STATUS_CORRUPT,
+    Decoded,
+    ReadPolicy,
+    decode_bytes,
+    iter_files,
+    read_source,
+)
+from curator.core.ownership import MARKER, claim, marker_kind
+from curator.core.paths import display, relative_text
+from curator.core.runtime import Runtime, select_runtime
+from curator.embedding.backbones import DEFAULT_BACKBONE, load_backbone
+from curator.embedding.dataplane import (
+    Context,
+    DataPlane,
+    Item,
+    PlaneStats,
+    Ready,
+    choose_workers,
+    chunked,
+    decode_routed,
+    default_batch_size,
+)
+from curator.embedding.embed import forward_features, pixel_scale
+from curator.embedding.preprocess import Preprocess
 
 Event = Callable[[str, dict], None]
 PARTS_SUFFIX = ".parts"
@@ -114,7 +131,7 @@ class PredictResult:
     batch_size: int = 0
     workers: int = 0
     wait_seconds: float = 0.0  # wall time the model spent waiting for decoded batches
-    device_jpegs: int = 0  # JPEGs decoded by `curator.gpu_decode` (the rest on the CPU)
+    device_jpegs: int = 0  # JPEGs decoded by `curator.embedding.gpu_decode` (the rest on the CPU)
 
     @property
     def images_per_second(self) -> float:
@@ -591,11 +608,11 @@ class _RowBuilder:
 
 
 def _device_jpegs(setting: bool | None, runtime: Runtime) -> bool:
-    """Whether JPEGs go to `curator.gpu_decode`: as asked, or (None) on CUDA when it can be imported."""
+    """Whether JPEGs go to `curator.embedding.gpu_decode`: as asked, or (None) on CUDA when it can be imported."""
     if setting is False or (setting is None and runtime.device != "cuda"):
         return False
     try:
-        import curator.gpu_decode  # noqa: F401
+        import curator.embedding.gpu_decode  # noqa: F401
     except ImportError as exc:
         if setting:
             raise UsageError(f"--gpu-decode is unavailable here ({exc}); leave it to auto") from None

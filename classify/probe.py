@@ -2,10 +2,10 @@
 
 The head is fitted on the embedding store (the vectors `curator clean` computed) in seconds, with its L2 strength
 chosen on the val split. Rows the store lacks (e.g. another backbone than `clean` used) are computed by decoding those
-files through the data plane (`curator.dataplane`, the loader and preprocessing of `classify dir`) and appended to the
-store, so a rerun reads them (`embed_missing`). The probe reads no pixels, and its val metrics come from the
-embeddings (the un-flipped centre crop: no flip TTA, which needs pixels). Its memory is the train and val features as
-float32, read from the float16 store in chunks: (train + val) x feature_dim x 4 bytes (Lite2's features are 2400
+files through the data plane (`curator.embedding.dataplane`, the loader and preprocessing of `classify dir`) and
+appended to the store, so a rerun reads them (`embed_missing`). The probe reads no pixels, and its val metrics come from
+the embeddings (the un-flipped centre crop: no flip TTA, which needs pixels). Its memory is the train and val features
+as float32, read from the float16 store in chunks: (train + val) x feature_dim x 4 bytes (Lite2's features are 2400
 wide: 9.6 KB per image, 0.96 GB per 100,000 images; Lite0's 2304); `train_probe` standardises the train matrix in
 place rather than copying it.
 """
@@ -28,10 +28,10 @@ from classify.data import StreamedBatches, file_items
 from classify.scores import macro_f1
 from classify.train_settings import TrainSettings
 from classify.trainset import TrainingData
-from curator.dataplane import choose_workers, default_batch_size
-from curator.embed import EmbeddingCache
-from curator.errors import UsageError
-from curator.runtime import Runtime
+from curator.core.errors import UsageError
+from curator.core.runtime import Runtime
+from curator.embedding.dataplane import choose_workers, default_batch_size
+from curator.embedding.embed import EmbeddingCache
 
 Event = Callable[[str, dict], None]
 

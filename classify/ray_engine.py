@@ -1,11 +1,11 @@
 """`classify dir --engine ray`: the same rows as `classify.predict.classify_dir`, computed on a Ray cluster with Ray
-Data (the pipeline is `curator.ray_embed`'s: a streamed listing in shards, decoding in CPU tasks, the model in an actor
-pool, rows back to the driver).
+Data (the pipeline is `curator.embedding.ray_embed`'s: a streamed listing in shards, decoding in CPU tasks, the model in
+an actor pool, rows back to the driver).
 
 This module is `classify dir`'s second engine and uses `classify.predict`'s own pieces for everything but the
 scheduling: the checks of DIR and OUT, the fingerprint and the parts folder, the per-file work (`read_source` with the
-ReadPolicy, the safe loader, `curator.preprocess.Preprocess`), the model loader, the forward pass and ranking, the row
-builder and the join; so both engines share one definition of a row (same columns, same error rows).
+ReadPolicy, the safe loader, `curator.embedding.preprocess.Preprocess`), the model loader, the forward pass and ranking,
+the row builder and the join; so both engines share one definition of a row (same columns, same error rows).
 
 How work is cut: the files no part holds yet are listed lazily into shards of `flush_every` files (2,048 by default),
 numbered after the parts already there. Each shard is written as `OUT.parts/part-SHARD.parquet` (its rows in listing
@@ -25,17 +25,50 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from classify.predict import (Event, PredictResult, PredictSettings, Predictor, _atelier_meta, _check_existing,
-                              _check_paths, _Chunks, _claim_parts, _DirWork, _Inputs, _join_parts, _launch,
-                              _read_parts, _remove_parts, _RowBuilder, _schema, fingerprint, output_meta,
-                              parts_folder, place_predictor, write_part)
-from curator.dataplane import Ready
-from curator.errors import AtelierError
-from curator.images import ReadPolicy
-from curator.ray_embed import (DecodeBatch, Plan, RaySettings, actor_runtime, fetch, path_bytes, plan_pool,
-                               put_shards, ray_errors, ray_session, refuse_local_options, require_ray, run_pipeline,
-                               unpack_meta)
-from curator.runtime import Runtime, select_runtime
+from classify.predict import (
+    Event,
+    Predictor,
+    PredictResult,
+    PredictSettings,
+    _atelier_meta,
+    _check_existing,
+    _check_paths,
+    _Chunks,
+    _claim_parts,
+    _DirWork,
+    _Inputs,
+    _join_parts,
+    _launch,
+    _read_parts,
+    _remove_parts,
+    _RowBuilder,
+    _schema,
+    fingerprint,
+    output_meta,
+    parts_folder,
+    place_predictor,
+    write_part,
+)
+from curator.core.errors import AtelierError
+from curator.core.images import ReadPolicy
+from curator.core.runtime import Runtime, select_runtime
+from curator.embedding.dataplane import Ready
+from curator.embedding.ray_embed import (
+    DecodeBatch,
+    Plan,
+    RaySettings,
+    actor_runtime,
+    fetch,
+    path_bytes,
+    plan_pool,
+    put_shards,
+    ray_errors,
+    ray_session,
+    refuse_local_options,
+    require_ray,
+    run_pipeline,
+    unpack_meta,
+)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from curator.errors import UsageError
+from curator.core.errors import UsageError
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:

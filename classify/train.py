@@ -15,10 +15,10 @@ blocks. `train` strings together parts that each live in a module of their own:
   labeled target folders, the same model is also trained without it (`RUN/no-adaptation`) to compare;
 - `positive`: one class against all others, with a decision threshold chosen on val (`classify.scores`).
 
-A call changes nothing in the process: no allocator setting (the CLI sets that, `curator.runtime.configure_allocator`)
-and no generator state. Randomness comes from generators seeded with `seed`, and third-party draws (weight init,
-dropout) happen inside `classify.rng.private_rng`, which restores the process's generators afterwards. Both stages are
-deterministic on CPU for a given seed and thread count.
+A call changes nothing in the process: no allocator setting (the CLI sets that,
+`curator.core.runtime.configure_allocator`) and no generator state. Randomness comes from generators seeded with `seed`,
+and third-party draws (weight init, dropout) happen inside `classify.rng.private_rng`, which restores the process's
+generators afterwards. Both stages are deterministic on CPU for a given seed and thread count.
 """
 
 from __future__ import annotations
@@ -38,27 +38,41 @@ import torch
 from classify import checkpoint
 from classify.classifier import Classifier
 from classify.dann import Target, cache_target, domain_scores, read_target
-from classify.data import PixelCache, SplitTable, file_items, fill_pixel_cache, pixel_record_bytes, read_split_table
+
+# old names that bench/accuracy.py and bench/accuracy_search.py still import from here (with macro_f1 above)
+from classify.data import (
+    Crops,  # noqa: I001
+    PixelCache,
+    SplitTable,
+    file_items,
+    fill_pixel_cache,
+    pixel_record_bytes,
+    read_split_table,
+)
 from classify.finetune import FineTuneResult, fine_tune
+from classify.inference import predict_loader as predict_pixels
 from classify.inference import predict_rows
-from classify.probe import ProbeResult, embed_missing, fit_probe
+from classify.probe import ProbeResult, embed_missing, fit_probe, train_probe
 from classify.rng import private_rng
 from classify.scores import choose_threshold, macro_f1
 from classify.train_settings import TrainSettings
-from classify.trainset import (PIXEL_CACHE, STREAMED, CachedPixels, StreamedPixels, TrainingData, run_classes,
-                               stage2_pixels, training_data)
-from curator.atomic import atomic_path
-from curator.backbones import load_backbone
-from curator.embed import cache_for, default_workers
-from curator.ownership import claim
-from curator.preprocess import Preprocess
-from curator.runtime import Runtime, select_runtime
-
-# old names that bench/accuracy.py and bench/accuracy_search.py still import from here (with macro_f1 above)
-from classify.data import Crops  # noqa: I001
-from classify.inference import predict_loader as predict_pixels
-from classify.probe import train_probe
-from classify.trainset import class_weights
+from classify.trainset import (
+    PIXEL_CACHE,
+    STREAMED,
+    CachedPixels,
+    StreamedPixels,
+    TrainingData,
+    class_weights,
+    run_classes,
+    stage2_pixels,
+    training_data,
+)
+from curator.core.atomic import atomic_path
+from curator.core.ownership import claim
+from curator.core.runtime import Runtime, select_runtime
+from curator.embedding.backbones import load_backbone
+from curator.embedding.embed import cache_for, default_workers
+from curator.embedding.preprocess import Preprocess
 
 __all__ = ["TrainResult", "TrainSettings", "train", "training_runtime",
            "Crops", "class_weights", "macro_f1", "predict_pixels", "train_probe"]
@@ -225,7 +239,7 @@ class _Run:
             "backbone": {"name": backbone.name, "key": backbone.key, "weights_origin": backbone.weights_origin,
                          "feature_layout": layout},
             "feature": ("pooled + style statistics" + (" + Gram matrices" if "gram" in layout else "")
-                        + " (curator.embed.forward_features), standardised"),
+                        + " (curator.embedding.embed.forward_features), standardised"),
             "classes": data.classes,
             "preprocessing": checkpoint.preprocessing_meta(backbone.preprocess,
                                                            "horizontal flip" if settings.tta else None),

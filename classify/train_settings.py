@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from curator.backbones import TRAIN_BACKBONE
-from curator.errors import UsageError
+from curator.core.errors import UsageError
+from curator.embedding.backbones import TRAIN_BACKBONE
 
 
 @dataclass

@@ -21,12 +21,20 @@ import polars as pl
 import torch
 
 from classify.augment import SeededAugment
-from classify.data import (Crops, PixelCache, SeededBatches, SplitTable, StreamedBatches, file_items, pixel_cache_path,
-                           pixel_record_bytes)
+from classify.data import (
+    Crops,
+    PixelCache,
+    SeededBatches,
+    SplitTable,
+    StreamedBatches,
+    file_items,
+    pixel_cache_path,
+    pixel_record_bytes,
+)
 from classify.train_settings import TrainSettings
-from curator.dataplane import choose_workers
-from curator.errors import UsageError
-from curator.preprocess import Preprocess
+from curator.core.errors import UsageError
+from curator.embedding.dataplane import choose_workers
+from curator.embedding.preprocess import Preprocess
 
 PIXEL_CACHE = "pixel cache"
 STREAMED = "decoded on the fly"

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -22,9 +21,17 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
-from curator.errors import AtelierError, UsageError
-from curator.settings import DEFAULT_MAX_BYTES, QUALITY_CHECKS, DuplicateSettings, MislabelSettings, QualitySettings
+from curator.core.errors import AtelierError, UsageError
+from curator.core.settings import (
+    DEFAULT_MAX_BYTES,
+    QUALITY_CHECKS,
+    DuplicateSettings,
+    MislabelSettings,
+    QualitySettings,
+)
+
 
 class PipelineOrder(TyperGroup):
     """Commands listed in the order the pipeline runs them, not alphabetically or by definition."""
@@ -246,12 +253,12 @@ def clean(
     With --engine ray the embedding pass (integrity, hashes, fingerprints, features) runs on a Ray cluster: decoding
     in Ray tasks, the model in a pool of actors (one per GPU); ROOT and --out must be at the same path on every node.
     """
-    from curator.clean import CleanSettings
-    from curator.clean import clean as run_clean
-    from curator.embed import embed_files
-    from curator.export import check_destination, export_kept
-    from curator.ray_embed import RayEmbedder, engine_settings, refuse_local_options
-    from curator.runtime import configure_allocator
+    from curator.core.runtime import configure_allocator
+    from curator.embedding.embed import embed_files
+    from curator.embedding.ray_embed import RayEmbedder, engine_settings, refuse_local_options
+    from curator.stages.clean import CleanSettings
+    from curator.stages.clean import clean as run_clean
+    from curator.stages.export import check_destination, export_kept
 
     try:
         ray_settings = engine_settings(engine, address, num_gpus_per_worker, concurrency)
@@ -272,7 +279,7 @@ def clean(
         raise fail(UsageError("--flag-only and --relabel exclude each other; choose one"))
     mislabels = MislabelSettings(action="flag-only" if flag_only else "relabel" if relabel else "remove")
     if batch_size is None:
-        from curator.dataplane import default_batch_size
+        from curator.embedding.dataplane import default_batch_size
 
         batch_size = default_batch_size(device)
     settings = CleanSettings(root=root, workspace=out, group_pattern=group_pattern, backbone=backbone,
@@ -314,7 +321,7 @@ def split(
 ) -> None:
     """Split the cleaned images: stratified by label, no group or duplicate cluster in two splits, with a leak
     certificate (split_report.json)."""
-    from curator.splits import SplitSettings, make_splits
+    from curator.stages.splits import SplitSettings, make_splits
 
     try:
         parts = tuple(float(x) for x in ratios.split(","))
@@ -438,9 +445,9 @@ class IngestDisplay:
 
 
 def _run_ingest(source: str, make_items, out: Path, fetch: dict | None, link: bool = True) -> None:
-    from curator.fetch import FetchSettings, PoliteClient
-    from curator.ingest import run_ingest
-    from curator.paths import display as shown
+    from curator.core.paths import display as shown
+    from curator.ingest.catalog import run_ingest
+    from curator.ingest.fetch import FetchSettings, PoliteClient
 
     try:
         settings = FetchSettings(**(fetch or {}))
@@ -497,7 +504,7 @@ def ingest_wikiart(
 ) -> None:
     """WikiArt by style, genre or artist (the site's JSON listings), or the v2 API (keys from WIKIART_ACCESS_KEY and
     WIKIART_SECRET_KEY when set)."""
-    from curator.sources import WikiArtQuery, wikiart_items
+    from curator.ingest.sources import WikiArtQuery, wikiart_items
 
     try:
         query = WikiArtQuery(tuple(style or ()), tuple(genre or ()), tuple(artist or ()), tuple(artist_id or ()),
@@ -529,7 +536,7 @@ def ingest_pixiv(
     search; multi-page works as one image per page; downloads send the Referer Pixiv's servers require."""
     import os
 
-    from curator.sources import PixivQuery, pixiv_items
+    from curator.ingest.sources import PixivQuery, pixiv_items
 
     try:
         query = PixivQuery(ranking, date, user, tag, label_by, allow_r18, limit, base_url, oauth_url,
@@ -554,7 +561,7 @@ def ingest_folder(
 ) -> None:
     """Artist or class folders as they are, copied or hard-linked (never moved), verified by the safe loader. Only
     regular files are read; OUT is left out of the listing when it lies inside DIRECTORY."""
-    from curator.sources import folder_items
+    from curator.ingest.sources import folder_items
 
     _run_ingest("folder", lambda client, note: folder_items(directory, group_pattern, exclude=[out],
                                                             max_bytes=max_bytes, follow_symlinks=follow_symlinks),
@@ -573,7 +580,7 @@ def ingest_artgan(
     follow_symlinks: FollowOpt = False,
 ) -> None:
     """The ArtGAN WikiArt dump: CSV lines `Style/artist_title.jpg,class_id`; the artist is the name before '_'."""
-    from curator.sources import artgan_items
+    from curator.ingest.sources import artgan_items
 
     _run_ingest("artgan", lambda client, note: artgan_items(directory, csv_file, classes, max_bytes=max_bytes,
                                                             follow_symlinks=follow_symlinks), out, None, link)
@@ -588,7 +595,7 @@ def ingest_parquet(
     = "image",
 ) -> None:
     """Hugging Face-style parquet: image bytes and class-id columns named by the file's metadata."""
-    from curator.sources import parquet_items
+    from curator.ingest.sources import parquet_items
 
     _run_ingest("parquet", lambda client, note: parquet_items(file, label_column, image_column), out, None)
 

@@ -15,7 +15,7 @@ import them, and `require_extra` turns their absence into one line.
 
 from __future__ import annotations
 
-from curator.errors import UsageError
+from curator.core.errors import UsageError
 
 EXTRA_HINT = "classify serve needs the serve extra: pip install 'atelier[serve]'"
 #: Defaults of the command line (kept here, where `classify --help` reads them without importing anything heavy).

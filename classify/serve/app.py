@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from classify.serve.batcher import BatchFailed, MicroBatcher
 from classify.serve.engine import MAX_SIMILAR_K, SIMILAR_K, Engine, Upload
 from classify.serve.uploads import FIELD, MAX_FILES, UploadError, default_budget, read_files
-from curator.errors import UsageError
+from curator.core.errors import UsageError
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: Query bound for top_k (the model's class count bounds it further).

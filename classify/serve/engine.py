@@ -3,9 +3,9 @@
 Everything that decides a number is `classify dir`'s own code: the model is loaded by `classify.predict.Predictor`
 (a run folder through `classify.checkpoint`, offline and validated; without a run, the backbone's ImageNet-1k
 classes), an upload's bytes become the model's input through `classify.predict.image_pixels` (the safe loader's
-checks and decode, `curator.images.decode_bytes`, then the model's `curator.preprocess.Preprocess`), and a batch is
-ranked by `classify.predict.predict_pixels`. A served prediction therefore equals `classify dir --model RUN`'s for
-the same file (up to float rounding between batch compositions).
+checks and decode, `curator.core.images.decode_bytes`, then the model's `curator.embedding.preprocess.Preprocess`), and
+a batch is ranked by `classify.predict.predict_pixels`. A served prediction therefore equals `classify dir --model
+RUN`'s for the same file (up to float rounding between batch compositions).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 
 from classify.serve import DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, DEFAULT_MAX_WAIT_MS
 from classify.serve.batcher import check_limits
-from curator.backbones import DEFAULT_BACKBONE
-from curator.errors import UsageError
-from curator.images import STATUS_IGNORED, ReadPolicy
+from curator.core.errors import UsageError
+from curator.core.images import STATUS_IGNORED, ReadPolicy
+from curator.embedding.backbones import DEFAULT_BACKBONE
 
 #: /similar's default and largest k
 SIMILAR_K, MAX_SIMILAR_K = 8, 50
@@ -79,9 +79,9 @@ class Engine:
         import torch
 
         from classify.checkpoint import read_meta
-        from classify.predict import PredictSettings, Predictor
+        from classify.predict import Predictor, PredictSettings
         from classify.serve.similar import SimilarIndex, build_index
-        from curator.runtime import select_runtime
+        from curator.core.runtime import select_runtime
 
         runtime = select_runtime(settings.device, settings.dtype)
         predict_settings = PredictSettings(model=settings.model, backbone=settings.backbone, top_k=settings.top_k,
@@ -113,8 +113,8 @@ class Engine:
         preprocessing as the run; else None. Never reaches a network."""
         import torch
 
-        from classify.predict import PredictSettings, Predictor
-        from curator.backbones import REGISTRY
+        from classify.predict import Predictor, PredictSettings
+        from curator.embedding.backbones import REGISTRY
 
         if name not in REGISTRY:
             return None
@@ -131,7 +131,7 @@ class Engine:
     def decode(self, filename: str | None, data: bytes | bytearray | None, size: int) -> Upload:
         """An uploaded file to the model's input, or its reason and status. `data` None: it passed max_bytes."""
         from classify.predict import image_pixels
-        from curator.paths import display
+        from curator.core.paths import display
 
         name = display(filename or "upload")
         if data is None:

@@ -2,10 +2,10 @@
 
 At start-up the run's training images are indexed: the train rows of the split table the run was trained on
 (model.json's `splits`), with the embeddings `curator clean` / `classify train` cached in that workspace for the
-run's backbone (`curator.embed.open_cache`, read-only: the server never writes to a workspace), for the rows whose
-file is still at its recorded path. Vectors are compared as everywhere in atelier (`curator.embed.embedding_matrix`:
-pooled and style statistics, each part L2-normalised) with an exact inner-product search (faiss `IndexFlatIP`), so a
-score is a cosine similarity.
+run's backbone (`curator.embedding.embed.open_cache`, read-only: the server never writes to a workspace), for the rows
+whose file is still at its recorded path. Vectors are compared as everywhere in atelier
+(`curator.embedding.embed.embedding_matrix`: pooled and style statistics, each part L2-normalised) with an exact
+inner-product search (faiss `IndexFlatIP`), so a score is a cosine similarity.
 
 An upload is embedded by a model whose features are those of the cache, checked rather than assumed: one training
 image is read from disk and embedded, and its vector must match its cached one (cosine >= MATCH). The run's own model
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from curator.errors import UsageError
-from curator.images import ReadPolicy, decode_bytes, read_source
-from curator.paths import display, from_text
+from curator.core.errors import UsageError
+from curator.core.images import ReadPolicy, decode_bytes, read_source
+from curator.core.paths import display, from_text
 
 #: A candidate embedder fits the cache when it reproduces a cached vector at least this closely (float16 storage
 #: alone keeps the cosine above 0.9999; another model's features fall far below).
@@ -83,7 +83,7 @@ class SimilarIndex:
 
     def search(self, features: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         """For each row of raw `features` (the embedder's), the `k` nearest training images as (index, cosine)."""
-        from curator.embed import embedding_matrix
+        from curator.embedding.embed import embedding_matrix
 
         query = embedding_matrix(features, self.layout)
         scores, ids = self.index.search(query, min(k, len(self.images)))
@@ -117,7 +117,7 @@ class SimilarIndex:
 
 
 def _cosine(a: np.ndarray, b: np.ndarray, layout: dict) -> float:
-    from curator.embed import embedding_matrix
+    from curator.embedding.embed import embedding_matrix
 
     x, y = embedding_matrix(a[None, :], layout), embedding_matrix(b[None, :], layout)
     return float((x * y).sum())
@@ -168,7 +168,7 @@ def _flat_index(cache, images: list[TrainImage], layout: dict, chunk: int = 8192
     time so that start-up never holds more than the index and one chunk."""
     import faiss
 
-    from curator.embed import embedding_matrix
+    from curator.embedding.embed import embedding_matrix
 
     index = None
     for start in range(0, len(images), chunk):
@@ -183,7 +183,7 @@ def build_index(meta: dict, run_embed: Embed, preprocess, pretrained_embed: Call
                 ) -> SimilarIndex:
     """The index of a run (module docstring). `run_embed` embeds with the run's model; `pretrained_embed` loads
     the pretrained backbone's embedder (None where it cannot be loaded offline) and is called only when needed."""
-    from curator.embed import open_cache
+    from curator.embedding.embed import open_cache
 
     found = _train_rows(meta)
     if isinstance(found, str):

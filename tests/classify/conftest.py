@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from curator.clean import CleanSettings, clean
-from curator.splits import SplitSettings, make_splits
+from curator.stages.clean import CleanSettings, clean
+from curator.stages.splits import SplitSettings, make_splits
 from tests.conftest import SAMPLE
 
 PATTERN = r"^([^_]+)_"

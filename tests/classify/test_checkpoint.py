@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from classify import checkpoint
 from classify.cli import app
 from classify.train import TrainSettings, train
-from curator.errors import UsageError
+from curator.core.errors import UsageError
 from tests.conftest import sample_paintings
 
 PROBE_ONLY = dict(model="efficientnet_lite0", epochs=0, workers=0, probe_l2=(1e-2,), probe_steps=50)
@@ -340,8 +340,8 @@ def test_cli_refuses_a_damaged_run_in_one_line(case, run, tmp_path, no_network, 
 
 def test_a_runs_preprocessing_round_trips_into_the_loaded_model(run):
     """model.json records the backbone's Preprocess, every parameter, and loading rebuilds the same one."""
-    from curator.backbones import load_backbone
-    from curator.preprocess import VERSION, Preprocess
+    from curator.embedding.backbones import load_backbone
+    from curator.embedding.preprocess import VERSION, Preprocess
 
     meta = json.loads((run / checkpoint.META_NAME).read_text())
     expected = load_backbone("efficientnet_lite0").preprocess
@@ -356,7 +356,7 @@ def test_a_runs_preprocessing_round_trips_into_the_loaded_model(run):
 def test_a_run_written_before_the_preprocessing_was_recorded_still_loads(run, tmp_path, real_builds):
     """`resize_side` + `crop` (and, in the oldest runs, no mean or std) map onto a bicubic Preprocess, and the model
     predicts exactly as the same run in today's format."""
-    from curator.preprocess import Preprocess
+    from curator.embedding.preprocess import Preprocess
 
     old = tampered(run, tmp_path / "old", meta=_legacy)
     oldest = tampered(run, tmp_path / "oldest",
@@ -384,13 +384,12 @@ def test_classify_dir_with_a_run_sees_the_pixels_training_and_curator_clean_saw(
     import numpy as np
     import polars as pl
 
-    from classify.data import PixelCache, file_items, fill_pixel_cache, read_split_table
-    from classify.predict import PredictSettings, classify_dir
-    from classify.data import Crops
+    from classify.data import Crops, PixelCache, file_items, fill_pixel_cache, read_split_table
     from classify.inference import predict_loader
-    from curator.backbones import load_backbone
-    from curator.embed import cache_for
-    from curator.runtime import select_runtime
+    from classify.predict import PredictSettings, classify_dir
+    from curator.core.runtime import select_runtime
+    from curator.embedding.backbones import load_backbone
+    from curator.embedding.embed import cache_for
 
     frame = read_split_table(sample_ws / "splits.parquet").frame.head(6)
     images = tmp_path / "images"
@@ -419,7 +418,7 @@ def test_classify_dir_with_a_run_sees_the_pixels_training_and_curator_clean_saw(
 def test_loading_a_run_leaves_torchs_random_generator_alone(run):
     """Rebuilding the architecture initialises weights at random (then overwritten by the file's): that happens on
     a fork of torch's generator, so loading (in `classify eval`, `dir` and `serve`) draws nothing from the caller's."""
-    from curator.backbones import offline_architecture
+    from curator.embedding.backbones import offline_architecture
 
     state = torch.random.get_rng_state()
     offline_architecture("efficientnet_lite0")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from classify.data import PixelCache, fill_pixel_cache, read_split_table, square_pixels
-from curator.errors import UsageError
-from curator.preprocess import Preprocess
+from curator.core.errors import UsageError
+from curator.embedding.preprocess import Preprocess
 from tests.conftest import sample_paintings
 
 #: small squares keep these tests fast; the geometry is the same at any size
@@ -112,7 +112,7 @@ def test_the_cache_stores_the_preprocessing_square_and_is_keyed_by_it(tmp_path):
     import timm.data
     from torchvision.transforms import Compose
 
-    from curator.images import read_image
+    from curator.core.images import read_image
 
     items = _items(2)
     config = {"input_size": (3, 56, 56), "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
@@ -145,7 +145,7 @@ def _shift(square: np.ndarray, seed: int) -> np.ndarray:
 
 def test_streamed_batches_give_the_centre_crops_in_the_order_asked_and_write_nothing(tmp_path):
     from classify.data import StreamedBatches
-    from curator.images import read_image
+    from curator.core.images import read_image
 
     items = _items(5)
     batches = StreamedBatches(items, PRE, batch_size=2, order=lambda: [4, 0, 3, 1, 2])

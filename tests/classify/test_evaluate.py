@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from classify.cli import app
 from classify.evaluate import compute_metrics, evaluate
 from classify.train import TrainSettings, train
-from curator.errors import UsageError
+from curator.core.errors import UsageError
 from tests.conftest import MARKER, SAMPLE, files_containing, write_hostile_tree
 
 FAST = dict(model="efficientnet_lite0", epochs=1, unfreeze=1, batch_size=16, workers=0, probe_l2=(1e-2,),

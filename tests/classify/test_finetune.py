@@ -13,8 +13,8 @@ import torch
 from classify.classifier import Classifier, set_trainable
 from classify.finetune import FineTuner, grad_scaler, optimizer_for, schedule_for
 from classify.train import TrainSettings, training_runtime
-from curator.backbones import load_backbone
-from curator.runtime import Runtime
+from curator.core.runtime import Runtime
+from curator.embedding.backbones import load_backbone
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 
 from classify.classifier import Classifier
 from classify.inference import class_probabilities, decide, predict_loader, predict_rows, ranked, top_k
-from curator.backbones import load_backbone
-from curator.runtime import Runtime
+from curator.core.runtime import Runtime
+from curator.embedding.backbones import load_backbone
 
 CPU = Runtime("cpu", "float32", "test")
 

@@ -16,7 +16,7 @@ def test_default_backbone_is_installed_and_described():
 
 def test_training_defaults_to_an_installed_offline_backbone():
     from classify.train import TrainSettings
-    from curator.backbones import REGISTRY
+    from curator.embedding.backbones import REGISTRY
 
     assert TrainSettings().model in REGISTRY
 

@@ -71,7 +71,7 @@ def test_train_and_evaluate_leave_the_allocator_rngs_and_matplotlib_backend_alon
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="glibc (Linux) only")
 def test_the_mallopt_spy_sees_the_allocator_being_configured(monkeypatch):
     """The spy above is not blind: the CLIs' `configure_allocator` looks mallopt up through it."""
-    from curator.runtime import configure_allocator
+    from curator.core.runtime import configure_allocator
 
     process = _Process(monkeypatch)
     configure_allocator()

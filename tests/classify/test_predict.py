@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from classify.cli import app
 from classify.predict import PredictSettings, classify_dir
 from classify.train import TrainSettings, train
-from curator.errors import UsageError
-from curator.images import iter_files, scan
-from curator.paths import from_text
+from curator.core.errors import UsageError
+from curator.core.images import iter_files, scan
+from curator.core.paths import from_text
 from tests.conftest import REPO, SAMPLE, tree_checksums, write_odd_tree
 
 
@@ -165,9 +165,9 @@ def test_rows_are_arrow_arrays_equal_to_a_dict_per_row(odd_tree):
     import pyarrow as pa
 
     from classify.predict import Predictor, _Chunks, _DirWork, _Inputs, _launch, _RowBuilder, _schema
-    from curator.dataplane import DataPlane
-    from curator.images import ReadPolicy
-    from curator.runtime import select_runtime
+    from curator.core.images import ReadPolicy
+    from curator.core.runtime import select_runtime
+    from curator.embedding.dataplane import DataPlane
 
     root, _ = odd_tree
     predictor = Predictor(PredictSettings()).to(torch.device("cpu"))

@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 from classify.cli import app
 from classify.predict import PredictSettings, classify_dir
 from classify.ray_engine import classify_dir_ray
-from curator.errors import UsageError
-from curator.images import scan
-from curator.ray_embed import INSTALL_HINT, RaySettings
+from curator.core.errors import UsageError
+from curator.core.images import scan
+from curator.embedding.ray_embed import INSTALL_HINT, RaySettings
 from tests.conftest import REPO, SAMPLE, sample_paintings, write_odd_tree
-from tests.curator.test_ray_embed import kill_when, one_line_error
+from tests.curator.embedding.test_ray_embed import kill_when, one_line_error
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="the ray extra is not installed (pip install 'atelier[ray]')")
@@ -176,7 +176,7 @@ DRIVER = """
 import sys
 from classify.predict import PredictSettings
 from classify.ray_engine import classify_dir_ray
-from curator.ray_embed import RaySettings
+from curator.embedding.ray_embed import RaySettings
 classify_dir_ray(sys.argv[1], sys.argv[2], PredictSettings(batch_size=4, flush_every=8, resume=True),
                  RaySettings(address=sys.argv[3], concurrency=1))
 """

@@ -13,8 +13,8 @@ from classify.data import read_split_table
 from classify.scores import choose_threshold
 from classify.train import TrainSettings, train
 from classify.trainset import class_weights
-from curator import manifest
-from curator.errors import UsageError
+from curator.core import manifest
+from curator.core.errors import UsageError
 
 FAST = dict(model="efficientnet_lite0", epochs=1, unfreeze=1, batch_size=16, workers=0, probe_l2=(1e-2,),
             probe_steps=50)
@@ -51,7 +51,7 @@ def test_train_writes_a_checkpoint_with_class_names_and_history(run, sample_ws):
     assert meta["data"]["stage 2"] == "pixel cache" and meta["data"]["val"] == "pixel cache"
     assert [r["data"] for r in meta["history"]] == ["embeddings", "pixel cache"]
     from classify.data import PixelCache
-    from curator.backbones import load_backbone
+    from curator.embedding.backbones import load_backbone
 
     table = read_split_table(sample_ws / "splits.parquet")
     cache = PixelCache(sample_ws / "cache" / "pixels", load_backbone("efficientnet_lite0", pretrained=False).preprocess)
@@ -271,8 +271,8 @@ def test_training_pixels_give_the_embeddings_curator_clean_cached(run, sample_ws
     import torch
 
     from classify.data import Crops, PixelCache, file_items, fill_pixel_cache
-    from curator.backbones import load_backbone
-    from curator.embed import cache_for, forward_features, pixel_scale
+    from curator.embedding.backbones import load_backbone
+    from curator.embedding.embed import cache_for, forward_features, pixel_scale
 
     backbone = load_backbone("efficientnet_lite0")
     frame = read_split_table(sample_ws / "splits.parquet").frame.head(12)

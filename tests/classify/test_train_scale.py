@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from classify import checkpoint
-from classify.data import SplitTable, read_split_table
 from classify.augment import SeededAugment, augmentation
+from classify.data import SplitTable, read_split_table
 from classify.probe import read_features, train_probe
 from classify.train import TrainSettings, train
 from classify.trainset import PIXEL_CACHE, STREAMED, stage2_pixels
-from curator.backbones import load_backbone
-from curator.embed import cache_for
-from curator.images import read_image
+from curator.core.images import read_image
+from curator.embedding.backbones import load_backbone
+from curator.embedding.embed import cache_for
 
 PROBE = dict(model="efficientnet_lite0", epochs=0, workers=0, probe_l2=(1e-2,), probe_steps=50)
 
@@ -148,7 +148,7 @@ def test_a_crop_is_timms_training_transform_seeded_by_its_own_seed_and_leaves_th
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
     from classify.rng import private_rng
-    from curator.preprocess import Preprocess
+    from curator.embedding.preprocess import Preprocess
 
     settings = TrainSettings(min_scale=0.5)
     pre = Preprocess(64, 56, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -28,12 +28,12 @@ def test_usage_errors_are_one_line_with_exit_2(app, args, fragment, capsys):
 
 
 def test_an_os_error_nobody_expected_is_one_line_not_a_traceback(monkeypatch, tmp_path, capsys):
-    import curator.clean
+    import curator.stages.clean
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ws" / "manifest.parquet"))
 
-    monkeypatch.setattr(curator.clean, "clean", disk_full)
+    monkeypatch.setattr(curator.stages.clean, "clean", disk_full)
     assert entry.run(curator_app, ["clean", "data/sample", "--out", str(tmp_path / "ws")]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
