@@ -1,10 +1,11 @@
-# Fresh machine: `make demo` runs the pipeline on the bundled sample; `make test` runs the test suite.
+# Fresh machine: `make demo` runs the pipeline on the bundled sample; `make test` runs the whole test suite (what CI
+# runs); `make test-fast` leaves out the tests marked slow (pytest -m "not slow"), for the inner loop.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKSPACE ?= demo/curated
 
-.PHONY: demo test clean-demo
+.PHONY: demo test test-fast clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +19,9 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/curator clean demo/raw --out $(WORKSPACE) --export demo/clean-set
 	$(VENV)/bin/curator split --workspace $(WORKSPACE)
 	$(VENV)/bin/classify train --splits $(WORKSPACE)/splits.parquet --out demo/runs/styles
-	$(VENV)/bin/classify eval --model demo/runs/styles
+	$(VENV)/bin/classify eval --run demo/runs/styles
 	rm -rf demo/predictions.parquet demo/predictions.parquet.parts
-	$(VENV)/bin/classify dir data/sample --out demo/predictions.parquet --model demo/runs/styles
+	$(VENV)/bin/classify dir data/sample --out demo/predictions.parquet --run demo/runs/styles
 	@echo
 	@echo "Reports:"
 	@echo "  ingest:    demo/raw/catalog.parquet"
@@ -35,6 +36,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 clean-demo:
 	rm -rf demo

@@ -177,8 +177,16 @@ def stages(n: int, dim: int) -> dict:
     embed_recall = np.mean([(int(s), int(d)) in found for s, d in zip(planted, copies)])
     return {"n": n, "hash_seconds": hash_seconds, "hash_pairs": len(pairs), "hash_recall": float(hash_recall),
             "rss_after_hash_mb": rss_after_hash, "embed_seconds": embed_seconds, "embed_pairs": len(emb_pairs),
-            "embed_recall": float(embed_recall), "index": "IndexFlatIP" if n <= 200_000 else "HNSW",
+            "embed_recall": float(embed_recall), "index": neighbour_search(n),
             "peak_rss_mb": rss_mb()}
+
+
+def neighbour_search(n: int) -> str:
+    """How `similarity` searched n rows: the shared neighbour graph of `curator.core.neighbours` (exact up to its
+    `EXACT_LIMIT`, above it PCA-256 + IVF fast-scan product codes with candidates re-scored exactly)."""
+    from curator.core.neighbours import EXACT_LIMIT
+
+    return "exact (flat)" if n <= EXACT_LIMIT else "PCA-256 + IVF fast-scan, re-scored exactly"
 
 
 def main() -> None:

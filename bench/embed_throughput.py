@@ -7,8 +7,8 @@ each is reported:
 - plain: PIL open + timm's eval transform + fp32 lite0, batch 64, glibc's allocator as shipped, one process.
 - ours: `curator.stages.clean.clean` with its defaults (allocator fix, dtype by capability check, decode workers),
   on a cold cache; then a rerun on the warm cache. Its "whole process" stops where the plain loop's work stops
-  (every image judged, fingerprinted and embedded); the later stages of `clean` (duplicates, mislabels, report)
-  are timed and printed separately.
+  (every image judged, fingerprinted and embedded); the later stages of `clean` (quality, neighbours, duplicates,
+  mislabels, report) are timed and printed separately.
 It also measures how often bf16 and fp16 autocast change lite0's ImageNet top-1 against fp32 (the dtype rule in
 curator/core/runtime.py stands on it: a low-precision default must agree on >= 99%).
 Whole-process time includes importing torch and loading the model in both contenders.
@@ -60,7 +60,7 @@ def run_ours(data: Path, workspace: Path) -> dict:
     configure_allocator()
     result = clean(CleanSettings(root=data, workspace=workspace))
     whole = time.perf_counter() - t0
-    later = sum(result.timings.get(k, 0.0) for k in ("duplicates", "mislabels", "report"))
+    later = sum(result.timings.get(k, 0.0) for k in ("quality", "neighbours", "duplicates", "mislabels", "report"))
     return {"images": result.embed.computed + result.embed.reused, "computed": result.embed.computed,
             "steady_s": result.embed.seconds, "total_s": whole - later, "clean_s": whole, "later_s": later,
             "dtype": result.runtime.dtype, "dtype_reason": result.runtime.reason, "timings": result.timings}
@@ -161,7 +161,7 @@ def main() -> None:
           f"dtype {ours[0]['dtype']} ({ours[0]['dtype_reason']})")
     print(f"ratio       whole process {med(ours) / med(plain):7.2f}x        steady "
           f"{med(ours, 'steady_s') / med(plain, 'steady_s'):7.2f}x")
-    print(f"ours, later stages of clean (duplicates, mislabels, report): "
+    print(f"ours, later stages of clean (quality, neighbours, duplicates, mislabels, report): "
           f"{statistics.median(o['later_s'] for o in ours):.1f} s; whole `clean` "
           f"{statistics.median(o['clean_s'] for o in ours):.1f} s")
     print(f"warm-cache rerun: {statistics.median(w['clean_s'] for w in warm):.1f} s whole clean, "

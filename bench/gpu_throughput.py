@@ -390,12 +390,12 @@ def _relative(name: str, root: str) -> str:
 
 def agreement(ours: Path, peer: Path, tree: Path) -> dict:
     """Top-1 agreement (label text) of a `classify dir` output with the peer's CSV, over the files both classified."""
-    import pyarrow.parquet as pq
+    from classify.predict import read_predictions
 
     if not (ours.is_file() and peer.is_file()):
         return {}
-    table = pq.read_table(ours, columns=["path", "label"]).to_pydict()
-    mine = {p: lab for p, lab in zip(table["path"], table["label"]) if lab is not None}
+    table = read_predictions(ours).select("path", "predicted").to_dict(as_series=False)
+    mine = {p: lab for p, lab in zip(table["path"], table["predicted"]) if lab is not None}
     root = str(tree.resolve())
     with open(peer, newline="") as fh:
         theirs = {_relative(row["filename"], root): row["label"].split("|")[0] for row in csv.DictReader(fh)}
@@ -407,13 +407,13 @@ def agreement(ours: Path, peer: Path, tree: Path) -> dict:
 
 def agreement_between(a: Path, b: Path) -> dict:
     """Top-1 agreement of two `classify dir` outputs (e.g. before and after a change)."""
-    import pyarrow.parquet as pq
+    from classify.predict import read_predictions
 
     if not (a.is_file() and b.is_file()):
         return {}
-    x = pq.read_table(a, columns=["path", "label"]).to_pydict()
-    y = dict(zip(*pq.read_table(b, columns=["path", "label"]).to_pydict().values()))
-    pairs = [(lab, y[p]) for p, lab in zip(x["path"], x["label"]) if lab is not None and y.get(p) is not None]
+    x = read_predictions(a).select("path", "predicted").to_dict(as_series=False)
+    y = dict(zip(*read_predictions(b).select("path", "predicted").to_dict(as_series=False).values()))
+    pairs = [(lab, y[p]) for p, lab in zip(x["path"], x["predicted"]) if lab is not None and y.get(p) is not None]
     same = sum(u == v for u, v in pairs)
     return {"compared": len(pairs), "same": same, "agreement": same / len(pairs) if pairs else None}
 

@@ -2,14 +2,21 @@
 
     .venv/bin/python bench/scale.py listing [--files 1000000] [--done 999000] [--dir DIR]
     .venv/bin/python bench/scale.py tree --dev ../shared/data/wikiart-dev [--files 30000] [--dir DIR]
+    .venv/bin/python bench/scale.py later [--sizes 10000,100000,1000000] [--dim 2304] [--dir DIR]
 
 - listing (c): a tree of `--files` hard links to one sample JPEG (1,000 per folder) is listed the way
-  `classify dir` lists it (`classify.predict._Inputs`, the lazy `curator.core.images.iter_files`), and a `--resume` is
-  prepared the way `classify dir` prepares it: parts holding `--done` rows are read (`_read_parts`) and the listing
-  is filtered against them (`_Chunks`) down to the files still to do. No model runs. Each phase runs in a process of
+  `classify dir` lists it (`classify.predict.Inputs`, the lazy `curator.core.images.iter_files`), and a `--resume` is
+  prepared the way `classify dir` prepares it: parts holding `--done` rows are read (`read_parts`) and the listing
+  is filtered against them (`Chunks`) down to the files still to do. No model runs. Each phase runs in a process of
   its own, so its peak RSS is its own.
-- (a), the later stages at 10k-1M rows, is measured for now by bench/neighbours_scale.py (the neighbour graph and
-  the mislabel stage on synthetic "real-like" embeddings) and bench/dedup_scale.py (the pHash search).
+- later (a): `curator clean`'s later stages (`curator.stages.clean.later_stages`: image quality, the neighbour graph,
+  the duplicate cascade, the mislabel stage; everything after the embedding pass but the report) on a synthetic
+  workspace of N rows: "real-like" embeddings (`curator.core.neighbours.synthetic_embeddings`, 1% planted
+  near-copies) written into the workspace's embedding store (`curator.embedding.embed.EmbeddingCache`, the store
+  `curator clean` fills) and a stage-1 manifest whose hashes agree with them (a copy's pHash a few bits from its
+  original's), with 2% of the other rows' labels swapped. The stages run in a process of their own: seconds per
+  stage, its peak RSS, the planted pairs found in one duplicate cluster (and by the embedding stage alone), and the
+  swapped labels flagged.
 - tree (b): `curator clean` end to end on the wikiart-dev paintings plus transformed copies (re-encodes, resizes,
   crops) up to `--files`, against the paintings alone: seconds per image, peak RSS, recall of the planted copies.
 
@@ -41,6 +48,7 @@ def child(phase: str, args: list[str]) -> dict:
         raise SystemExit(f"phase {phase} failed with status {status}")
     result = json.loads(out.strip().splitlines()[-1])
     result["rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
     return result
 
 
@@ -68,14 +76,14 @@ def write_done_parts(root: Path, out: Path, done: int, per_part: int = 50_000) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from classify.predict import _Inputs, _schema, parts_folder
+    from classify.predict import Inputs, output_schema, parts_folder
     from curator.core.paths import relative_text
 
-    schema = _schema(False)
+    schema = output_schema(False)
     parts = parts_folder(out)
     parts.mkdir(parents=True)
     names = []
-    for path in _Inputs(root, out, False):
+    for path in Inputs(root, out, False):
         if len(names) == done:
             break
         names.append(relative_text(path, root)[0])
@@ -95,22 +103,22 @@ def phase_base() -> dict:
 
 
 def phase_list(root: str, out: str) -> dict:
-    from classify.predict import _Inputs
+    from classify.predict import Inputs
 
     t0 = time.perf_counter()
-    total = sum(1 for _ in _Inputs(Path(root), Path(out), False))
+    total = sum(1 for _ in Inputs(Path(root), Path(out), False))
     return {"files": total, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def phase_resume(root: str, out: str) -> dict:
-    from classify.predict import _Chunks, _Inputs, _read_parts, _schema, parts_folder
+    from classify.predict import Chunks, Inputs, output_schema, parts_folder, read_parts
 
     t0 = time.perf_counter()
-    _, done, rows = _read_parts(parts_folder(Path(out)), _schema(False))
+    _, done, rows = read_parts(parts_folder(Path(out)), output_schema(False))
     t_parts = time.perf_counter() - t0
-    inputs = _Inputs(Path(root), Path(out), False)
+    inputs = Inputs(Path(root), Path(out), False)
     total = sum(1 for _ in inputs)
-    todo = sum(len(batch) for batch in _Chunks(inputs, frozenset(done), 256)())
+    todo = sum(len(batch) for batch in Chunks(inputs, frozenset(done), 256)())
     return {"done_rows": rows, "files": total, "todo": todo, "read_parts_s": round(t_parts, 2),
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -139,6 +147,202 @@ def print_listing(r: dict) -> None:
     print(f"{'resume: parts + listing + filter to ' + format(res['todo'], ',') + ' to do':<44}"
           f"{res['seconds']:>9}{res['rss_mb']:>13}")
 
+
+# ---- (a) the later stages on synthetic rows -----------------------------------------------------------------------
+
+LAYOUT_PART = "pooled"  # one feature part: the embedding is the whole (normalised) vector
+
+
+def make_synthetic_workspace(n: int, dim: int, workspace: Path, seed: int = 0, swap_share: float = 0.02) -> dict:
+    """A workspace as `curator clean`'s embedding pass would leave it for `n` images: the embedding store filled
+    with "real-like" vectors (`curator.core.neighbours.synthetic_embeddings`, 1% planted near-copies, written
+    through `EmbeddingCache.append` in batches) and a stage-1 manifest (`stage1.parquet`) whose hashes agree (a
+    copy's pHash is 0-3 bits from its original's, its dHash 0-4, its crops 0-2, its colour the same; other rows'
+    hashes random), with image statistics for the quality checks and `swap_share` of the other rows' labels moved
+    to another class. The truth goes to `truth.npz`; returns the counts."""
+    import hashlib
+
+    import numpy as np
+    import polars as pl
+
+    from curator.core import manifest
+    from curator.core.neighbours import synthetic_embeddings
+    from curator.embedding.embed import EmbeddingCache
+
+    rng = np.random.default_rng(seed)
+    workspace.mkdir(parents=True)
+    scratch = np.memmap(workspace / "scratch.f16", dtype=np.float16, mode="w+", shape=(n, dim))
+    made = synthetic_embeddings(n, dim, seed=seed, out=scratch)
+    cache = EmbeddingCache(workspace / "cache" / "embeddings", "synthetic", dim, {LAYOUT_PART: (0, dim)})
+    shas = [hashlib.sha256(f"{seed}:{i}".encode()).hexdigest() for i in range(n)]
+    for start in range(0, n, 8192):
+        cache.append(shas[start:start + 8192], np.asarray(scratch[start:start + 8192], dtype=np.float32))
+    cache.close()
+    del scratch
+    (workspace / "scratch.f16").unlink()
+
+    def flips(bits: int, size: int) -> np.ndarray:
+        masks = np.zeros(size, dtype=np.uint64)
+        for _ in range(bits):
+            hit = rng.random(size) < 0.75
+            masks |= np.where(hit, np.uint64(1) << rng.integers(0, 64, size).astype(np.uint64), np.uint64(0))
+        return masks
+
+    planted = made["planted"]
+    original, copy = planted[:, 0], planted[:, 1]
+    phash = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    dhash = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2)
+    crops = rng.integers(0, 2**63, (n, 4), dtype=np.uint64) * np.uint64(2)
+    colour = rng.integers(-60, 60, (n, 32), dtype=np.int8)
+    phash[copy] = phash[original] ^ flips(3, len(copy))
+    dhash[copy] = dhash[original] ^ flips(4, len(copy))
+    crops[copy] = crops[original] ^ flips(2, len(copy))[:, None]
+    colour[copy] = colour[original]
+    labels = made["labels"].copy()
+    classes = int(labels.max()) + 1
+    others = np.setdiff1d(np.arange(n), planted.ravel())
+    swapped = np.sort(rng.choice(others, int(swap_share * n), replace=False))
+    labels[swapped] = (labels[swapped] + rng.integers(1, classes, len(swapped))) % classes
+    groups = made["groups"]
+
+    def hexes(values: np.ndarray) -> list[str]:
+        return [f"{v:016x}" for v in values.tolist()]
+
+    frame = pl.DataFrame({
+        "id": [f"{i:016x}" for i in range(n)],
+        "path": [f"c{c:02d}/a{g}_{i}.jpg" for i, (c, g) in enumerate(zip(labels.tolist(), groups.tolist()))],
+        "label": [f"c{c:02d}" for c in labels.tolist()], "group": [f"a{g}" for g in groups.tolist()],
+        "sha256": shas, "bytes": rng.integers(200_000, 4_000_000, n), "width": np.full(n, 1600, dtype=np.int32),
+        "height": rng.integers(1000, 2000, n).astype(np.int32), "format": ["JPEG"] * n, "mode": ["RGB"] * n,
+        "status": ["ok"] * n, "reason": [None] * n, "keep": [True] * n,
+        "pixel_sha256": [hashlib.sha256(f"px{seed}:{i}".encode()).hexdigest() for i in range(n)],
+        "phash": hexes(phash), "dhash": hexes(dhash),
+        "crop_phash": [hexes(row) for row in crops], "colour": [row.tobytes().hex() for row in colour],
+    }, schema=manifest.schema())
+    frame = frame.with_columns(
+        pl.lit(False).alias("path_escaped"),
+        pl.Series("brightness", rng.normal(0.45, 0.12, n).clip(0, 1), dtype=pl.Float32),
+        pl.Series("sharpness", rng.lognormal(5.0, 0.8, n), dtype=pl.Float32),
+        pl.Series("entropy", rng.normal(7.2, 0.4, n).clip(0, 8), dtype=pl.Float32),
+    )
+    manifest.write_atomic(frame, workspace / "stage1.parquet", {"backbone_key": "synthetic",
+                                                                 "feature_layout": {LAYOUT_PART: [0, dim]}})
+    np.savez(workspace / "truth.npz", planted=planted, swapped=swapped)
+    return {"planted": len(planted), "swapped": len(swapped)}
+
+
+class StageLog:
+    """Progress of the later stages on stderr (wall and CPU seconds, peak RSS), so that a long run shows where it
+    is: each stage's start, and every tenth of a stage's rows. Called as `events(kind, info)`."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.stage, self.total, self.done, self.next = "", 0, 0, 0
+
+    def say(self, text: str) -> None:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"[{time.perf_counter() - self.t0:7.0f} s, {time.process_time():7.0f} s CPU, peak {rss:,.0f} MB] {text}",
+              file=sys.stderr, flush=True)
+
+    def start(self, stage: str, total: int) -> None:
+        self.stage, self.total, self.done, self.next = stage, total, 0, max(1, total // 10)
+        self.say(f"start {stage}")
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.done >= self.next:
+            self.say(f"{self.stage}: {self.done:,} of {self.total:,}")
+            self.next += max(1, self.total // 10)
+
+    def __call__(self, kind: str, info: dict) -> None:
+        """The progress protocol's receiver (`curator.core.progress`): stages, advances and notes."""
+        if kind == "stage":
+            self.start(info["name"], info["total"] or 0)
+        elif kind == "advance":
+            self.advance(info.get("n", 1))
+        elif kind == "note":
+            self.say(info["text"])
+
+
+def phase_later(workspace: str, dim: str) -> dict:
+    """`curator.stages.clean.later_stages` on a synthetic workspace (`make_synthetic_workspace`), timed; the
+    planted pairs found and the swapped labels flagged."""
+    import numpy as np
+    import polars as pl
+
+    from curator.core import manifest
+    from curator.embedding.embed import EmbeddingCache
+    from curator.stages.clean import CleanSettings, later_stages
+
+    ws, width = Path(workspace), int(dim)
+    layout = {LAYOUT_PART: (0, width)}
+    t0 = time.perf_counter()
+    frame = pl.read_parquet(ws / "stage1.parquet")
+    cache = EmbeddingCache(ws / "cache" / "embeddings", "synthetic", width, layout, writable=False)
+    opened = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    log = StageLog()
+    later = later_stages(frame, cache, layout, CleanSettings(root=ws, workspace=ws), ws / "cache" / "synthetic", log)
+    total = time.perf_counter() - t0
+    log.say("done")
+    frame = manifest.validate(later.frame)
+    truth = np.load(ws / "truth.npz")
+    a, b = truth["planted"][:, 0], truth["planted"][:, 1]
+
+    def together(column: str) -> float:
+        values = np.asarray(frame[column].to_list(), dtype=object)
+        return float(np.mean([x is not None and x == y for x, y in zip(values[a], values[b])])) if len(a) else 1.0
+
+    flagged = frame["is_mislabel_issue"].fill_null(False).to_numpy()
+    swapped = truth["swapped"]
+    hits = float(flagged[swapped].sum())
+    return {"rows": len(frame), "open_s": round(opened, 1), "seconds": round(total, 1),
+            "timings": {k: round(v, 1) for k, v in later.timings.items()},
+            "planted_pair_recall": round(together("cluster"), 4),
+            "planted_embedding_recall": round(together("embedding_group"), 4),
+            "swap_recall": round(hits / max(len(swapped), 1), 4),
+            "swap_precision": round(hits / max(int(flagged.sum()), 1), 4), "flagged": int(flagged.sum())}
+
+
+def run_later(sizes: list[int], dim: int, base: Path, keep: Path | None = None) -> list[dict]:
+    """(a) at each size, in a fresh temporary workspace; with `keep` (one size), in `keep` instead, made there
+    if it has no stage-1 manifest yet and kept (so that a rerun measures the stages alone)."""
+    import numpy as np
+
+    results = []
+    for n in sizes:
+        work = keep or Path(tempfile.mkdtemp(prefix=f"scale-later-{n}-", dir=base))
+        try:
+            t0 = time.perf_counter()
+            if keep is not None and (keep / "ws" / "truth.npz").exists():
+                with np.load(keep / "ws" / "truth.npz") as saved:
+                    truth = {"planted": len(saved["planted"]), "swapped": len(saved["swapped"])}
+            else:
+                truth = make_synthetic_workspace(n, dim, work / "ws")
+            made = round(time.perf_counter() - t0, 1)
+            load_before = os.getloadavg()[0]
+            result = child("later", [str(work / "ws"), str(dim)])
+            results.append({"n": n, "dim": dim, "made_s": made, **truth, **result,
+                            "load": [round(load_before, 1), round(os.getloadavg()[0], 1)]})
+            print_later(results[-1:])
+        finally:
+            if keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def print_later(results: list[dict]) -> None:
+    for r in results:
+        print(f"\n(a) later stages on {r['rows']:,} synthetic rows x {r['dim']:,} ({r['planted']:,} planted copies, "
+              f"{r['swapped']:,} swapped labels; workspace made in {r['made_s']} s; load {r['load'][0]} before, "
+              f"{r['load'][1]} after)", flush=True)
+        print(f"  total {r['seconds']} s ({r['cpu_s']} s of CPU in the process), peak RSS {r['rss_mb']:,} MB; "
+              f"seconds per stage: {r['timings']}")
+        print(f"  planted pairs in one cluster {r['planted_pair_recall']} (found by the embedding stage "
+              f"{r['planted_embedding_recall']}); swapped labels flagged: recall {r['swap_recall']}, precision "
+              f"{r['swap_precision']} ({r['flagged']:,} flagged)", flush=True)
 
 # ---- (b) curator clean end to end on a tree of paintings and their copies -------------------------------------------
 
@@ -236,11 +440,18 @@ def main() -> None:
     tree.add_argument("--files", type=int, default=30_000)
     tree.add_argument("--dir", type=Path, default=REPO.parent)
     tree.add_argument("--json", type=Path)
-    for name in ("_base", "_list", "_resume", "_clean"):
+    later = sub.add_parser("later")
+    later.add_argument("--sizes", default="10000,100000,1000000")
+    later.add_argument("--dim", type=int, default=2304)
+    later.add_argument("--dir", type=Path, default=REPO.parent)
+    later.add_argument("--json", type=Path)
+    later.add_argument("--keep", type=Path, help="one size: make the workspace here (or reuse it) and keep it")
+    for name in ("_base", "_list", "_resume", "_clean", "_later"):
         sub.add_parser(name).add_argument("args", nargs="*")
     args = parser.parse_args()
     if args.what.startswith("_"):
-        fn = {"_base": phase_base, "_list": phase_list, "_resume": phase_resume, "_clean": phase_clean}[args.what]
+        fn = {"_base": phase_base, "_list": phase_list, "_resume": phase_resume, "_clean": phase_clean,
+              "_later": phase_later}[args.what]
         print(json.dumps(fn(*args.args)))
         return
     if args.what == "listing":
@@ -249,6 +460,8 @@ def main() -> None:
     if args.what == "tree":
         result = run_tree(args.dev, args.files, args.dir)
         print_tree(result)
+    if args.what == "later":
+        result = run_later([int(v) for v in args.sizes.split(",")], args.dim, args.dir, args.keep)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -1,4 +1,9 @@
-"""`classify`: the model-side command line. Parses arguments, calls the library, prints; nothing else."""
+"""`classify`: the model-side command line. Parses arguments, calls the library, prints; nothing else.
+
+Option names say what they take: `--backbone` is a timm backbone (`train`, and `dir` without a run), `--run` a run
+folder `classify train` wrote (`eval`, `dir`, `serve`). The old `--model` (a backbone in `train`, a run folder
+elsewhere) still works for one release, with a one-line deprecation warning on stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -14,24 +18,51 @@ from classify.serve import DEFAULT_MAX_BATCH as SERVE_MAX_BATCH
 from classify.serve import DEFAULT_MAX_BYTES as SERVE_MAX_BYTES
 from classify.serve import DEFAULT_MAX_WAIT_MS as SERVE_MAX_WAIT_MS
 from classify.serve import DEFAULT_PORT as SERVE_PORT
-from curator.cli import fail, progress_bar
-from curator.core.errors import AtelierError
+from curator.cli_support import (
+    StageDisplay,
+    console,
+    err_console,
+    fail,
+    pipeline_order,
+    progress_bar,
+    renamed,
+    required,
+    reset_deprecations,
+    say_deprecations,
+    version_option,
+)
+from curator.core.errors import AtelierError, UsageError
 from curator.core.runtime import configure_allocator
 
 app = typer.Typer(
     name="classify",
+    cls=pipeline_order("models", "train", "eval", "dir", "serve"),
     help="Train, evaluate and run image classifiers on pretrained timm backbones.",
+    epilog="The model side, in order (after `curator split --workspace curated`):\n\n"
+           "classify models --load\n\n"
+           "classify train --splits curated/splits.parquet --out runs/styles\n\n"
+           "classify eval --run runs/styles\n\n"
+           "classify dir ./paintings --out predictions.parquet --run runs/styles\n\n"
+           "classify serve --run runs/styles --port 8000",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+#: The deprecated `--model` of the commands that now say `--run` (hidden from --help; one release).
+OldRunOpt = Annotated[Path | None, typer.Option("--model", hidden=True, help="Deprecated: use --run.")]
 
 
 @app.callback()
-def _root() -> None:
-    """Train, evaluate and run image classifiers on pretrained timm backbones."""
+def _root(
+    show_version: Annotated[bool, typer.Option("--version", callback=version_option("classify"), is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
+    """Train, evaluate and run image classifiers on pretrained timm backbones.
+
+    A run folder (`--run`) is what `classify train --out` wrote: model.safetensors, model.json, history.csv.
+    """
+    reset_deprecations()
 
 
 @app.command()
@@ -44,8 +75,7 @@ def models(
     try:
         rows = describe_backbones(load=load)
     except AtelierError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=exc.exit_code) from None
+        raise fail(exc) from None
     table = Table(title="offline backbones")
     for column in ("name", "installed", "input", "features", "description"):
         table.add_column(column)
@@ -56,44 +86,39 @@ def models(
     console.print("Any other timm model name works with network access (Hugging Face hub) or --weights FILE.")
 
 
-class EpochDisplay:
-    """Renders the training/eval events: a progress bar per stage, a table line per epoch."""
+class EpochDisplay(StageDisplay):
+    """Renders the training/eval events: a progress bar per stage (each replacing the last), a table line per
+    epoch."""
 
     COLUMNS = ("epoch", "stage", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr",
                "seconds")
 
     def __init__(self, bar):
-        self.bar = bar
-        self.task = None
+        super().__init__(bar, replace=True)
         self.header = False
 
     def __call__(self, kind: str, info: dict) -> None:
-        if kind == "stage":
-            if self.task is not None:
-                self.bar.remove_task(self.task)
-            self.task = self.bar.add_task(info["name"], total=info.get("total"))
-        elif kind == "advance" and self.task is not None:
-            self.bar.advance(self.task, info["n"])
-        elif kind == "epoch":
-            if not self.header:
-                self.bar.console.print("  ".join(f"{c:>14}" for c in self.COLUMNS), style="bold")
-                self.header = True
-            cells = []
-            for c in self.COLUMNS:
-                v = info.get(c)
-                cells.append(f"{v:>14.4f}" if isinstance(v, float) else f"{'-' if v is None else v!s:>14}")
-            self.bar.console.print("  ".join(cells), highlight=False)
-        elif kind == "note":
-            self.bar.console.print(f"[yellow]{escape(info['text'])}[/]")
+        if kind != "epoch":
+            return super().__call__(kind, info)
+        if not self.header:
+            self.bar.console.print("  ".join(f"{c:>14}" for c in self.COLUMNS), style="bold")
+            self.header = True
+        cells = []
+        for c in self.COLUMNS:
+            v = info.get(c)
+            cells.append(f"{v:>14.4f}" if isinstance(v, float) else f"{'-' if v is None else v!s:>14}")
+        self.bar.console.print("  ".join(cells), highlight=False)
 
 
 @app.command()
 def train(
     splits: Annotated[Path, typer.Option(help="splits.parquet from `curator split` (or its workspace folder).")],
     out: Annotated[Path, typer.Option(help="Run folder for the checkpoint, history and plots.")] = Path("runs/model"),
-    model: Annotated[str, typer.Option(help="Backbone: an offline one (see `classify models`) or any timm name. "
-                                            "Default Lite2: its probe beat Lite0's by 8 points on wikiart-dev.")]
-    = "efficientnet_lite2",
+    backbone: Annotated[str | None, typer.Option(
+        help="Backbone: an offline one (see `classify models`) or any timm name (formerly --model). Default "
+             "efficientnet_lite2: its probe beat Lite0's by 8 points on wikiart-dev.", show_default=False)] = None,
+    old_backbone: Annotated[str | None, typer.Option("--model", hidden=True, help="Deprecated: use --backbone.")]
+    = None,
     weights: Annotated[Path | None, typer.Option(help="Weights file for the backbone (safetensors or state dict).")]
     = None,
     epochs: Annotated[int, typer.Option(help="Stage-2 fine-tuning epochs (try 10); 0, the default: the stage-1 "
@@ -145,8 +170,9 @@ def train(
     from classify.train import train as run_train
 
     try:
+        backbone = renamed(backbone, old_backbone, "--backbone", "--model", default="efficientnet_lite2")
         settings = TrainSettings(
-            model=model, weights=str(weights) if weights else None, epochs=epochs, unfreeze=unfreeze, gram=gram,
+            model=backbone, weights=str(weights) if weights else None, epochs=epochs, unfreeze=unfreeze, gram=gram,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout,
             balance=balance, patience=patience, tta=tta, positive=positive, positive_column=positive_column,
             min_precision=min_precision, target_dir=str(target_dir) if target_dir else None, seed=seed,
@@ -175,16 +201,19 @@ def train(
     console.print(table)
     console.print(f"model: {result.run_dir / 'model.safetensors'} + model.json, history: "
                   f"{result.run_dir / 'history.csv'}")
+    say_deprecations()
 
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[Path, typer.Option(help="Run folder written by `classify train`.")],
+    run: Annotated[Path | None, typer.Option(help="Run folder written by `classify train` (required; formerly "
+                                                  "--model).", show_default=False)] = None,
+    old_run: OldRunOpt = None,
     splits: Annotated[Path | None, typer.Option(help="Splits file (default: the one the model was trained on).")]
     = None,
     split: Annotated[str, typer.Option(help="Which split of the splits file: train, val or test.")] = "test",
     directory: Annotated[Path | None, typer.Argument(help="Evaluate on this class-folder tree instead.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: MODEL/eval-SPLIT).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-SPLIT).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
@@ -193,9 +222,10 @@ def evaluate(
     from classify.evaluate import evaluate as run_eval
 
     try:
+        run = required(renamed(run, old_run, "--run", "--model"), "--run")
         configure_allocator()  # the process's allocator: set by the CLI, never by the library
         with progress_bar() as bar:
-            result = run_eval(model, splits, split, directory, out, device=device, batch_size=batch_size,
+            result = run_eval(run, splits, split, directory, out, device=device, batch_size=batch_size,
                               workers=workers, events=EpochDisplay(bar))
     except AtelierError as exc:
         raise fail(exc) from None
@@ -218,15 +248,17 @@ def evaluate(
         err_console.print(f"[yellow]{m['errors']} unreadable, {m['skipped']} skipped (not in a class folder)[/]")
     for name, path in result.files.items():
         console.print(f"{name}: {path}")
+    say_deprecations()
 
 
 @app.command("dir")
 def classify_directory(
     directory: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Output Parquet file, one row per file.")],
-    model: Annotated[Path | None, typer.Option(help="Run folder of `classify train` (default: the backbone's "
-                                                    "ImageNet-1k classes).")] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone when no --model is given.")] = "efficientnet_lite0",
+    run: Annotated[Path | None, typer.Option(help="Run folder of `classify train` (formerly --model; default: the "
+                                                  "backbone's ImageNet-1k classes).")] = None,
+    old_run: OldRunOpt = None,
+    backbone: Annotated[str, typer.Option(help="Backbone when no --run is given.")] = "efficientnet_lite0",
     weights: Annotated[Path | None, typer.Option(help="Weights file for --backbone.")] = None,
     top_k: Annotated[int, typer.Option(help="How many labels and scores per row.")] = 5,
     batch_size: Annotated[int | None, typer.Option(help="Images per model batch (default: 256 on CUDA, 64 on "
@@ -255,7 +287,7 @@ def classify_directory(
     concurrency: Annotated[int | None, typer.Option(help="--engine ray: model actors (default one per GPU, or half "
                                                          "the CPUs on a cluster without GPUs).")] = None,
 ) -> None:
-    """Classify every file under DIRECTORY into a Parquet file: label, confidence, top-k, error per file.
+    """Classify every file under DIRECTORY into a Parquet file: predicted class, confidence, top-k, error per file.
 
     Streaming with bounded memory; rows are flushed every 2,048 files into OUT.parts, so an interrupted run keeps
     them and --resume finishes the rest with no row lost or repeated (only a run with the same folder, model and
@@ -268,9 +300,10 @@ def classify_directory(
     from curator.embedding.ray_embed import engine_settings
 
     try:
+        run = renamed(run, old_run, "--run", "--model")
         ray_settings = engine_settings(engine, address, num_gpus_per_worker, concurrency)
         settings = PredictSettings(
-            model=str(model) if model else None, backbone=backbone, weights=str(weights) if weights else None,
+            model=str(run) if run else None, backbone=backbone, weights=str(weights) if weights else None,
             top_k=top_k, batch_size=batch_size, workers=workers, device=device, dtype=dtype, embeddings=embeddings,
             resume=resume, compile=compile, max_bytes=max_bytes, follow_symlinks=follow_symlinks,
             gpu_decode=gpu_decode)
@@ -302,12 +335,14 @@ def classify_directory(
                       f"{result.seconds:.1f} s")
     console.print(f"model: {escape(result.model)}")
     console.print(f"predictions: {escape(display(str(result.out)))}")
+    say_deprecations()
 
 
 @app.command()
 def serve(
-    model: Annotated[Path | None, typer.Option(help="Run folder of `classify train` (default: the backbone's "
-                                                    "ImageNet-1k classes).")] = None,
+    run: Annotated[Path | None, typer.Option(help="Run folder of `classify train` (formerly --model; default: the "
+                                                  "backbone's ImageNet-1k classes).")] = None,
+    old_run: OldRunOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface, as in a container).")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = SERVE_PORT,
@@ -326,9 +361,9 @@ def serve(
     JSON error. Needs the serve extra: pip install 'atelier[serve]'.
     """
     from classify.serve import require_extra
-    from curator.core.errors import UsageError
 
     try:
+        run = renamed(run, old_run, "--run", "--model")
         require_extra()
         from classify.serve.app import bind
         from classify.serve.app import serve as run_server
@@ -336,7 +371,7 @@ def serve(
 
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be 0 to 65535, got {port}")
-        settings = ServeSettings(model=str(model) if model else None, device=device, max_bytes=max_bytes,
+        settings = ServeSettings(model=str(run) if run else None, device=device, max_bytes=max_bytes,
                                  max_batch=max_batch, max_wait_ms=max_wait_ms)
         sock = bind(host, port)  # before the model loads, so that a port in use is said at once
         configure_allocator()
@@ -350,6 +385,7 @@ def serve(
     similar = engine.similar.card()
     where = (f"{similar['images']} training images" if similar["available"] else f"unavailable ({similar['reason']})")
     bound = sock.getsockname()
+    say_deprecations()  # once the model is loaded: a refusal above said it in its one line
     console.print(f"serving {escape(engine.predictor.name)} on http://{escape(host)}:{bound[1]} "
                   f"({engine.runtime.device} {engine.runtime.dtype}); similar images: {escape(where)}", highlight=False,
                   soft_wrap=True)

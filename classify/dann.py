@@ -9,7 +9,6 @@ without adaptation (`domain_scores`; `classify.train` trains the same model with
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +23,8 @@ from classify.inference import predict_rows
 from classify.scores import macro_f1
 from classify.train_settings import TrainSettings
 from curator.core.errors import UsageError
+from curator.core.progress import Event
 from curator.core.runtime import Runtime
-
-Event = Callable[[str, dict], None]
 
 
 class GradientReversal(torch.autograd.Function):
@@ -89,7 +87,7 @@ def cache_target(target: Target, pixels: PixelCache, workers: int, emit: Event) 
     some did."""
     emit("stage", {"name": "decode target", "total": target.frame.height})
     failed = fill_pixel_cache(pixels, file_items(target.frame), workers,
-                              progress=lambda n: emit("advance", {"n": n}))
+                              events=emit)
     if not failed:
         return target, None
     kept = target.frame.filter(~pl.col("sha256").is_in(list(failed)))

@@ -39,6 +39,7 @@ from curator.core.errors import UsageError
 from curator.core.hashing import file_sha256
 from curator.core.images import ReadPolicy, decode_bytes, looks_like_image, read_image, read_source, scan
 from curator.core.paths import from_text, relative_text, to_text
+from curator.core.progress import Event, advance
 from curator.core.store import RecordStore, set_aside, sha_array
 from curator.embedding.preprocess import Preprocess
 
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     from curator.embedding.dataplane import Context, Item
 
 SPLITS = ("train", "val", "test")
-ProgressFn = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -304,7 +304,7 @@ class _SquareDataset:
 
 
 def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], workers: int = 1,
-                     progress: ProgressFn | None = None) -> dict[str, str]:
+                     events: Event | None = None) -> dict[str, str]:
     """Decode the (path, sha256) items not in `cache` yet (or whose cached record fails its checksum) and append
     them; returns {sha256: reason} of failures."""
     from torch.utils.data import DataLoader
@@ -318,8 +318,7 @@ def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], worker
         elif sha not in cache and sha not in seen:
             seen.add(sha)
             todo.append((path, sha))
-    if progress:
-        progress(len(items) - len(todo))
+    advance(events, len(items) - len(todo))
     if not todo:
         return failures
     import torch
@@ -333,8 +332,7 @@ def fill_pixel_cache(cache: PixelCache, items: Sequence[tuple[str, str]], worker
         failures.update({sha: reason for _, sha, pix, reason in batch if pix is None})
         if good:
             cache.append([s for s, _ in good], np.stack([p for _, p in good]))
-        if progress:
-            progress(len(batch))
+        advance(events, len(batch))
     cache.flush()
     return failures
 

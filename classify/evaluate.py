@@ -7,7 +7,9 @@ Outputs, in one folder:
   threshold and average precision.
 - `predictions.parquet`: one row per image: `label` (the true class), `predicted`, `confidence` (its probability),
   `label_probability` (the probability given to the true class), `pred_top_classes`/`pred_top_scores` (the
-  `TOP_K` most probable classes), `correct`, and `error` for a file that could not be read.
+  `TOP_K` most probable classes), `correct`, and `error` for a file that could not be read. The vocabulary is
+  `classify dir`'s (`classify.predict`): `label` is always the given (true) class, predictions are `predicted` and
+  `pred_*`; `classify.predict.read_predictions` reads either file, including the previous release's names.
 - `confusion_matrix.png`: counts in the cells, shaded by the share of the true class (row-normalised).
 - `curves.png`, only when there is a curve to draw: loss and accuracy per epoch when stage 2 (fine-tune) ran; in a
   probe-only run the probe's val accuracy and macro-F1 per L2 strength when it tried two or more; otherwise no file
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,10 @@ from curator.core.errors import UsageError
 from curator.core.images import write_thumbnail
 from curator.core.ownership import claim
 from curator.core.paths import from_text
+from curator.core.progress import Event
 from curator.core.runtime import Runtime, select_runtime
 from curator.embedding.embed import default_workers
 
-Event = Callable[[str, dict], None]
 ERRORS_SHOWN = 300
 #: How many of its most probable classes each prediction keeps (predictions.parquet, errors.html).
 TOP_K = 5
@@ -357,7 +358,7 @@ def evaluate(run_dir: Path, splits: Path | None = None, split: str = "test", dir
     pixels = PixelCache(cache_dir / "pixels", loaded.preprocess)
     items = file_items(frame)
     emit("stage", {"name": "decode", "total": len(items)})
-    failed = fill_pixel_cache(pixels, items, workers, progress=lambda n: emit("advance", {"n": n}))
+    failed = fill_pixel_cache(pixels, items, workers, events=emit)
     good = np.array([s not in failed for s in frame["sha256"].to_list()], dtype=bool)
     # the loader's own generator: a DataLoader draws a base seed on every pass, from torch's default generator unless
     # given one, and evaluating must leave the process's generators alone

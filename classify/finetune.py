@@ -35,9 +35,8 @@ from classify.rng import private_rng
 from classify.scores import val_scores
 from classify.train_settings import TrainSettings
 from classify.trainset import Order, TrainingData
+from curator.core.progress import Event
 from curator.core.runtime import Runtime
-
-Event = Callable[[str, dict], None]
 
 
 def optimizer_for(classifier: Classifier, settings: TrainSettings, domain: nn.Module | None = None):

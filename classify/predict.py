@@ -18,8 +18,19 @@ when OUT lies inside the folder. Every file is read through `curator.core.images
 most `max_bytes`, symbolic links leaving the folder not followed), so FIFOs, devices and outside links become rows.
 
 One row per file: path (relative to the folder, escaped when the name is not UTF-8, see `curator.core.paths`),
-path_escaped, label, confidence, topk_labels, topk_scores, error, model, and with `embeddings` the feature vector
-(pooled + style statistics). An unreadable file is a row with an `error`.
+path_escaped, predicted, confidence, pred_top_classes, pred_top_scores, error, model, and with `embeddings` the
+feature vector (pooled + style statistics). An unreadable file is a row with an `error` (and nulls).
+
+Vocabulary (the same in `classify eval`'s predictions.parquet): `label` is only ever a given or true label, never a
+prediction; `predicted` is the class the model gives a file (a one-vs-rest model's follows its threshold),
+`confidence` that class's probability, `pred_top_classes`/`pred_top_scores` the `top_k` most probable classes and
+their probabilities. Files of the previous release named these `label`, `topk_labels` and `topk_scores`:
+`read_predictions` reads both, and `resume` finishes parts written under the old names (`OLD_NAMES`; kept for one
+release).
+
+The pieces of a run (`check_paths`, `check_existing`, `fingerprint`, `claim_parts`, `read_parts`, `Inputs`, `Chunks`,
+`DirWork`, `launch`, `RowBuilder`, `write_part`, `join_parts`, `remove_parts`) are public: `classify.ray_engine` builds
+its engine from the same ones, so both engines write the same rows.
 
 Defaults by device (`curator.embedding.dataplane`): batch 256 and cores - 1 decode workers on CUDA; batch 64 and one
 worker per four cores on a CPU (one on two cores); no worker processes at all for a folder of at most `SMALL_RUN` files
@@ -34,7 +45,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,8 +54,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from classify.inference import ranked
 from curator.core.atomic import atomic_path
-from curator.core.errors import UsageError
+from curator.core.errors import SettingsError, UsageError
 from curator.core.images import (
     DEFAULT_MAX_BYTES,
     STATUS_CORRUPT,
@@ -56,6 +68,7 @@ from curator.core.images import (
 )
 from curator.core.ownership import MARKER, claim, marker_kind
 from curator.core.paths import display, relative_text
+from curator.core.progress import Event
 from curator.core.runtime import Runtime, select_runtime
 from curator.embedding.backbones import DEFAULT_BACKBONE, load_backbone
 from curator.embedding.dataplane import (
@@ -72,7 +85,8 @@ from curator.embedding.dataplane import (
 from curator.embedding.embed import forward_features, pixel_scale
 from curator.embedding.preprocess import Preprocess
 
-Event = Callable[[str, dict], None]
+#: The previous release's names of the prediction columns (`label` was the predicted class): read for one release.
+OLD_NAMES = {"label": "predicted", "topk_labels": "pred_top_classes", "topk_scores": "pred_top_scores"}
 PARTS_SUFFIX = ".parts"
 FINGERPRINT = "fingerprint.json"  # in OUT.parts: what made the parts, so that --resume never mixes two runs
 FLUSH_FILES = 2048  # rows per part file, rounded down to a multiple of the batch size
@@ -101,13 +115,13 @@ class PredictSettings:
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise UsageError(f"--top-k and --batch-size must be at least 1, got {self.top_k} and {self.batch_size}")
+            raise SettingsError(f"--top-k and --batch-size must be at least 1, got {self.top_k} and {self.batch_size}")
         if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
+            raise SettingsError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
         ReadPolicy(max_bytes=self.max_bytes)  # raises the one-line error for --max-bytes below 1
         if self.flush_every is not None and (self.flush_every < 1 or self.flush_every % (self.batch_size or 1)):
-            raise UsageError(f"flush_every ({self.flush_every}) must be a positive multiple of the batch size "
-                             f"({self.batch_size})")
+            raise SettingsError(f"flush_every ({self.flush_every}) must be a positive multiple of the batch size "
+                                f"({self.batch_size})")
 
     def resolved(self, device: str) -> tuple[int, int]:
         """(batch size, flush_every) on `device`: the settings', or the device's defaults."""
@@ -175,7 +189,7 @@ class Predictor:
             n = int(getattr(self.module, "num_classes", 0) or 0)
             if n != info.num_classes():
                 raise UsageError(f"backbone {settings.backbone!r} has {n} outputs, not ImageNet-1k's 1000: pass "
-                                 f"--model RUN for a trained classifier")
+                                 f"--run RUN for a trained classifier")
             self.classes = [info.index_to_description(i) for i in range(n)]
             self.tta = False
             self.threshold = None
@@ -222,7 +236,7 @@ class Predictor:
 
 
 @dataclass(frozen=True)
-class _DirWork:
+class DirWork:
     """One file of the folder to `Item(((path text, escaped), error), pixels or JPEG bytes)`: read through the
     policy (regular files, size cap, no outside links), judged and decoded by the safe loader, preprocessed; or the
     reason it cannot be."""
@@ -276,7 +290,7 @@ def _show(path: Path | str) -> str:
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class Inputs:
     """The files to classify: every entry under `root` but OUT, OUT.parts and their temporary files, so that an OUT
     inside the folder never becomes rows of its own (and nothing else is skipped)."""
 
@@ -293,10 +307,10 @@ class _Inputs:
 
 
 @dataclass(frozen=True)
-class _Chunks:
+class Chunks:
     """The files not done yet, in batches: what each decode worker lists (the same sequence every time)."""
 
-    inputs: _Inputs
+    inputs: Inputs
     done: frozenset[tuple[str, bool]]
     batch_size: int
 
@@ -306,10 +320,11 @@ class _Chunks:
         return chunked(todo, self.batch_size)
 
 
-def _schema(embeddings: bool) -> pa.Schema:
-    fields = [("path", pa.string()), ("path_escaped", pa.bool_()), ("label", pa.string()),
-              ("confidence", pa.float32()), ("topk_labels", pa.list_(pa.string())),
-              ("topk_scores", pa.list_(pa.float32())), ("error", pa.string()), ("model", pa.string())]
+def output_schema(embeddings: bool) -> pa.Schema:
+    """The columns of a predictions file (module docstring), with `embedding` when asked."""
+    fields = [("path", pa.string()), ("path_escaped", pa.bool_()), ("predicted", pa.string()),
+              ("confidence", pa.float32()), ("pred_top_classes", pa.list_(pa.string())),
+              ("pred_top_scores", pa.list_(pa.float32())), ("error", pa.string()), ("model", pa.string())]
     if embeddings:
         fields.append(("embedding", pa.list_(pa.float32())))
     return pa.schema(fields)
@@ -345,7 +360,7 @@ def fingerprint(root: Path, settings: PredictSettings, engine: str = "local") ->
     return fp
 
 
-def _check_paths(root: Path, out: Path) -> None:
+def check_paths(root: Path, out: Path) -> None:
     """DIR must be a folder; --out must name a file in a folder that exists (or can be made) and is writable."""
     if not root.is_dir():
         what = "it is a file" if root.exists() else "it does not exist"
@@ -361,7 +376,7 @@ def _check_paths(root: Path, out: Path) -> None:
         raise UsageError(f"--out {_show(out)} cannot be written: {_show(folder)} is not writable")
 
 
-def _atelier_meta(out: Path) -> dict | None:
+def atelier_meta(out: Path) -> dict | None:
     """The `atelier` metadata of a predictions file `classify dir` wrote, or None for any other file."""
     try:
         meta = json.loads((pq.read_schema(out).metadata or {})[b"atelier"])
@@ -392,11 +407,11 @@ def _check_fingerprint(parts: Path, fp: dict) -> None:
         raise _mismatch(stored, fp, parts)
 
 
-def _check_existing(out: Path, parts: Path, fp: dict, resume: bool) -> bool:
+def check_existing(out: Path, parts: Path, fp: dict, resume: bool) -> bool:
     """Refuse, before anything is loaded or written, an OUT or OUT.parts that is not this run's to continue; True
     when OUT is this run's finished result."""
     if out.exists():
-        meta = _atelier_meta(out)
+        meta = atelier_meta(out)
         if meta is None:
             raise UsageError(f"{_show(out)} exists and was not written by `classify dir`; choose another --out")
         if not resume:
@@ -412,7 +427,7 @@ def _check_existing(out: Path, parts: Path, fp: dict, resume: bool) -> bool:
     return False
 
 
-def _claim_parts(parts: Path, fp: dict) -> None:
+def claim_parts(parts: Path, fp: dict) -> None:
     """Make `parts` atelier's folder, recording the run's fingerprint in it first thing."""
     claim(parts, "predictions", "the parts folder of --out")
     if not (parts / FINGERPRINT).exists():
@@ -434,7 +449,7 @@ def _write_atomic_table(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def _read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[tuple[str, bool]], int]:
+def read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[tuple[str, bool]], int]:
     """The flushed part files, the (path, escaped) pairs they hold and their row count."""
     files = sorted(parts.glob("part-*.parquet"))
     done: set[tuple[str, bool]] = set()
@@ -442,7 +457,8 @@ def _read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[tuple[s
     for f in files:
         try:
             names = pq.read_schema(f).names
-            table = pq.read_table(f, columns=["path", "path_escaped"]) if names == schema.names else None
+            same = names in (schema.names, _old_names(schema.names))  # an interrupted run of the previous release
+            table = pq.read_table(f, columns=["path", "path_escaped"]) if same else None
         except (OSError, pa.ArrowInvalid) as exc:
             raise UsageError(f"{_show(f)} is unreadable ({exc}); delete it and rerun with --resume") from None
         if table is None:
@@ -451,6 +467,20 @@ def _read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[tuple[s
         done.update(zip(table.column("path").to_pylist(), table.column("path_escaped").to_pylist()))
         rows += table.num_rows
     return files, done, rows
+
+
+def _old_names(names: list[str]) -> list[str]:
+    """`names` as the previous release wrote them (`OLD_NAMES` backwards)."""
+    old = {new: name for name, new in OLD_NAMES.items()}
+    return [old.get(name, name) for name in names]
+
+
+def current_names(table: pa.Table) -> pa.Table:
+    """A predictions table with this release's column names: a file of the previous release (`topk_labels` among
+    its columns, `label` its prediction) renamed by `OLD_NAMES`; any other table as it is."""
+    if "topk_labels" not in table.column_names:
+        return table
+    return table.rename_columns([OLD_NAMES.get(name, name) for name in table.column_names])
 
 
 def write_part(table: pa.Table, target: Path) -> None:
@@ -467,13 +497,13 @@ def output_meta(root: Path, predictor: Predictor, runtime: Runtime, k: int, fp: 
             "runtime": {"device": runtime.device, "dtype": runtime.dtype}, "top_k": k, "fingerprint": fp}
 
 
-def _join_parts(files: list[Path], out: Path, schema: pa.Schema, meta: dict) -> None:
+def join_parts(files: list[Path], out: Path, schema: pa.Schema, meta: dict) -> None:
     """Stream the parts into one Parquet file (one part in memory at a time), atomically."""
     try:
         with atomic_path(out) as tmp, \
                 pq.ParquetWriter(tmp, schema.with_metadata({"atelier": json.dumps(meta)})) as writer:
             for f in files:
-                writer.write_table(pq.read_table(f).cast(schema))
+                writer.write_table(current_names(pq.read_table(f)).cast(schema))
     except OSError as exc:
         raise _write_error(out, exc) from None
 
@@ -486,7 +516,7 @@ def _own_name(name: str) -> bool:
     return name in (FINGERPRINT, MARKER) or re.fullmatch(r"part-\d{6,}\.parquet", name) is not None
 
 
-def _remove_parts(parts: Path) -> None:
+def remove_parts(parts: Path) -> None:
     """Remove the files atelier wrote in `parts` (the marker last), and the folder if nothing else is left."""
     own = [Path(e.path) for e in os.scandir(parts) if e.is_file(follow_symlinks=False) and _own_name(e.name)]
     for path in sorted(own, key=lambda p: (p.name == FINGERPRINT, p.name == MARKER)):
@@ -498,7 +528,7 @@ def _remove_parts(parts: Path) -> None:
 
 
 @dataclass
-class _Outputs:
+class Outputs:
     """One batch's model outputs on their way to the CPU (`event` marks the end of the copies on CUDA)."""
 
     meta: list
@@ -512,24 +542,19 @@ class _Outputs:
         return [t.numpy() for t in self.tensors]
 
 
-def _ranked(predictor: Predictor, probs: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """Per image: the label's class index (a one-vs-rest model's follows its decision threshold, others the argmax),
-    its probability, and the top `k` class indices and their probabilities."""
-    if predictor.threshold is not None:
-        top1 = (probs[:, 1] >= predictor.threshold).long()
-    else:
-        top1 = probs.argmax(1)
-    scores, idx = probs.topk(k, dim=1)
-    return [top1.int(), probs.gather(1, top1[:, None])[:, 0], idx.int(), scores]
-
-
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer, as `classify dir` writes it in a row: label, confidence, top-k (label, score) pairs."""
+    """One image's answer, as `classify dir` writes it in a row: the predicted class, its confidence, and the top-k
+    (class, score) pairs."""
 
-    label: str
+    predicted: str
     confidence: float
     topk: list[tuple[str, float]]
+
+    @property
+    def label(self) -> str:
+        """The previous release's name of `predicted` (classify.serve's answers still say `label`)."""
+        return self.predicted
 
 
 def predict_pixels(predictor: Predictor, pixels: torch.Tensor, runtime: Runtime, k: int,
@@ -539,32 +564,32 @@ def predict_pixels(predictor: Predictor, pixels: torch.Tensor, runtime: Runtime,
     also the embeddings (n, `embedding_width`) as float32."""
     k = min(k, len(predictor.classes))
     probs, feats = predictor(pixels, runtime, features=features)
-    top1, conf, idx, scores = (t.cpu().numpy() for t in _ranked(predictor, probs, k))
+    top1, conf, idx, scores = (t.cpu().numpy() for t in ranked(probs, k, predictor.threshold))
     names = predictor.classes
     out = [Prediction(names[int(top1[i])], float(conf[i]),
                       [(names[int(j)], float(s)) for j, s in zip(idx[i], scores[i])]) for i in range(len(top1))]
     return out, feats.cpu().numpy() if features else None
 
 
-def _launch(predictor: Predictor, ready: Ready, runtime: Runtime, k: int, embeddings: bool) -> _Outputs:
+def launch(predictor: Predictor, ready: Ready, runtime: Runtime, k: int, embeddings: bool) -> Outputs:
     """Run the model on a ready batch and start copying what the rows need to the CPU (asynchronously on CUDA, so
     that the next batch is launched before this one's rows are built)."""
     if len(ready.pixels) == 0:
-        return _Outputs(ready.meta, ready.positions, [])
+        return Outputs(ready.meta, ready.positions, [])
     probs, feats = predictor(ready.pixels, runtime, features=embeddings)
-    tensors = [*_ranked(predictor, probs, k), *([feats] if embeddings else [])]
+    tensors = [*ranked(probs, k, predictor.threshold), *([feats] if embeddings else [])]
     if ready.pixels.device.type != "cuda":
-        return _Outputs(ready.meta, ready.positions, tensors)
+        return Outputs(ready.meta, ready.positions, tensors)
     host = [t.to("cpu", non_blocking=True) for t in tensors]
     event = torch.cuda.Event()
     event.record()
-    return _Outputs(ready.meta, ready.positions, host, event)
+    return Outputs(ready.meta, ready.positions, host, event)
 
 
-class _RowBuilder:
-    """Arrow record batches from model outputs, a batch at a time: labels are indices into a class-name dictionary
-    array, top-k lists and embeddings fixed-size lists over flat numpy arrays (stored as the schema's lists), the
-    model name a one-entry dictionary; only the path text and error are Python objects per row."""
+class RowBuilder:
+    """Arrow record batches from model outputs, a batch at a time: predicted classes are indices into a class-name
+    dictionary array, top-k lists and embeddings fixed-size lists over flat numpy arrays (stored as the schema's lists),
+    the model name a one-entry dictionary; only the path text and error are Python objects per row."""
 
     def __init__(self, classes: list[str], model: str, k: int, embeddings: bool, width: int):
         self.classes = pa.array(classes, pa.string())
@@ -572,12 +597,12 @@ class _RowBuilder:
         self.k = k
         self.embeddings = embeddings
         self.width = width
-        self.schema = _schema(embeddings)
+        self.schema = output_schema(embeddings)
 
     def _fixed(self, values: pa.Array, size: int, missing: np.ndarray, type_: pa.DataType) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(values, size, mask=pa.array(missing)).cast(type_)
 
-    def __call__(self, out: _Outputs) -> pa.RecordBatch:
+    def __call__(self, out: Outputs) -> pa.RecordBatch:
         n = len(out.meta)
         missing = np.ones(n, dtype=bool)
         missing[out.positions] = False
@@ -644,9 +669,9 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
     emit = events or (lambda kind, info: None)
     root, out = Path(root), Path(out)
     parts = parts_folder(out)
-    _check_paths(root, out)
+    check_paths(root, out)
     fp = fingerprint(root, settings)
-    if _check_existing(out, parts, fp, settings.resume):
+    if check_existing(out, parts, fp, settings.resume):
         done_rows = pq.read_metadata(out).num_rows
         return PredictResult(out, done_rows, 0, 0, done_rows, 0.0, select_runtime(settings.device, settings.dtype),
                              "already complete")
@@ -654,20 +679,20 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
     batch_size, flush_every = settings.resolved(runtime.device)
     device_jpegs = _device_jpegs(settings.gpu_decode, runtime)
     predictor = _load_predictor(settings, runtime, emit)
-    _claim_parts(parts, fp)
-    schema = _schema(settings.embeddings)
-    part_files, done, resumed = _read_parts(parts, schema)
-    inputs = _Inputs(root, out, settings.follow_symlinks)
+    claim_parts(parts, fp)
+    schema = output_schema(settings.embeddings)
+    part_files, done, resumed = read_parts(parts, schema)
+    inputs = Inputs(root, out, settings.follow_symlinks)
     total = sum(1 for _ in inputs)
     emit("stage", {"name": "classify", "total": total})
     emit("advance", {"n": resumed})
     workers = choose_workers(settings.workers, runtime.device, total - resumed)
     policy = ReadPolicy(root, settings.max_bytes, settings.follow_symlinks)
-    plane = DataPlane(_Chunks(inputs, frozenset(done), batch_size), _DirWork(root, policy, predictor.preprocess),
+    plane = DataPlane(Chunks(inputs, frozenset(done), batch_size), DirWork(root, policy, predictor.preprocess),
                       predictor.shape, device=runtime.device, workers=workers, preprocess=predictor.preprocess,
                       device_jpegs=device_jpegs, cpu_jpeg_share=None if runtime.device == "cuda" else 0.0)
     k = min(settings.top_k, len(predictor.classes))
-    rows = _RowBuilder(predictor.classes, predictor.name, k, settings.embeddings, predictor.embedding_width)
+    rows = RowBuilder(predictor.classes, predictor.name, k, settings.embeddings, predictor.embedding_width)
     buffer: list[pa.RecordBatch] = []
     files = errors = predicted = 0
     start = time.perf_counter()
@@ -680,7 +705,7 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
             part_files.append(target)
             buffer = []
 
-    def finish(outputs: _Outputs) -> None:
+    def finish(outputs: Outputs) -> None:
         nonlocal files, errors, predicted
         batch = rows(outputs)
         predicted += len(outputs.positions)
@@ -691,9 +716,9 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
         if (resumed + files) % flush_every == 0:
             flush()
 
-    pending: _Outputs | None = None
+    pending: Outputs | None = None
     for ready in plane:
-        launched = _launch(predictor, ready, runtime, k, settings.embeddings)
+        launched = launch(predictor, ready, runtime, k, settings.embeddings)
         if pending is not None:
             finish(pending)
         pending = launched
@@ -701,15 +726,16 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
         finish(pending)
     flush()
     seconds = time.perf_counter() - start
-    _join_parts(part_files, out, schema, output_meta(root, predictor, runtime, k, fp))
-    _remove_parts(parts)
+    join_parts(part_files, out, schema, output_meta(root, predictor, runtime, k, fp))
+    remove_parts(parts)
     stats: PlaneStats = plane.stats
     return PredictResult(out, resumed + files, errors, predicted, resumed, seconds, runtime, predictor.name,
                          batch_size, workers, stats.wait_seconds, stats.device_jpegs)
 
 
 def read_predictions(path: Path):
-    """The predictions file as a polars DataFrame."""
+    """A predictions file as a polars DataFrame in this release's vocabulary (module docstring): `classify dir`'s
+    output or `classify eval`'s predictions.parquet, of this release or the previous one (old names renamed)."""
     import polars as pl
 
-    return pl.read_parquet(path)
+    return pl.from_arrow(current_names(pq.read_table(path)))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,11 +28,10 @@ from classify.scores import macro_f1
 from classify.train_settings import TrainSettings
 from classify.trainset import TrainingData
 from curator.core.errors import UsageError
+from curator.core.progress import Event
 from curator.core.runtime import Runtime
 from curator.embedding.dataplane import choose_workers, default_batch_size
 from curator.embedding.embed import EmbeddingCache
-
-Event = Callable[[str, dict], None]
 
 
 def read_features(emb: EmbeddingCache, shas: list[str], chunk: int = 4096) -> np.ndarray:
@@ -81,7 +79,8 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
                 in_place: bool = False) -> tuple[dict, list[dict]]:
     """Fit `head` (a FeatureHead, statistics set) on fixed features: multinomial logistic regression by full-batch
     L-BFGS (deterministic), for each L2 strength; keep the one with the best val macro-F1. Returns the best state and
-    one record per strength. `in_place` standardises `features` (float32) in place, consuming the caller's matrix,
+    one record per strength: its L2, val accuracy and macro-F1, and the fitted head's train loss (weighted, label
+    smoothed, without the L2 term) and train accuracy. `in_place` standardises `features` (float32) in place, consuming the caller's matrix,
     so that the probe holds one copy of it rather than two (the same numbers either way)."""
     n_classes = head.fc.out_features
     initial = copy.deepcopy(head.state_dict())
@@ -104,13 +103,17 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
             loss.backward()
             return loss
 
-        loss = opt.step(closure).item()
+        opt.step(closure)  # returns the loss before the fit (ln of the class count from zero weights): not used
         head.eval()
         with torch.no_grad():
+            logits = head.fc(x)
+            loss = float((loss_fn(logits, labels) * weights).mean())  # the fitted head's, without the L2 term
+            train_acc = float((logits.argmax(1) == labels).float().mean())
             pred = head(val_features).argmax(1).numpy()
         f1 = macro_f1(val_labels, pred, n_classes)
         acc = float((pred == val_labels).mean())
-        records.append({"l2": l2, "val_accuracy": acc, "val_macro_f1": f1, "train_loss": loss})
+        records.append({"l2": l2, "val_accuracy": acc, "val_macro_f1": f1, "train_loss": loss,
+                        "train_accuracy": train_acc})
         if best_key is None or f1 > best_key:
             best_key, best_state = f1, copy.deepcopy(head.state_dict())
     return best_state, records
@@ -136,7 +139,8 @@ class ProbeResult:
         best = self.best
         return {"epoch": 0, "stage": "probe", "train_loss": round(best["train_loss"], 5), "val_loss": None,
                 "val_accuracy": round(best["val_accuracy"], 5), "val_macro_f1": round(best["val_macro_f1"], 5),
-                "train_accuracy": None, "lr": None, "seconds": round(self.fit_seconds, 2), "data": "embeddings"}
+                "train_accuracy": round(best["train_accuracy"], 5), "lr": None,
+                "seconds": round(self.fit_seconds, 2), "data": "embeddings"}
 
 
 def head_probabilities(head: nn.Module, features: torch.Tensor) -> np.ndarray:

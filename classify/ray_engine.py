@@ -26,27 +26,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from classify.predict import (
+    Chunks,
+    DirWork,
     Event,
+    Inputs,
     Predictor,
     PredictResult,
     PredictSettings,
-    _atelier_meta,
-    _check_existing,
-    _check_paths,
-    _Chunks,
-    _claim_parts,
-    _DirWork,
-    _Inputs,
-    _join_parts,
-    _launch,
-    _read_parts,
-    _remove_parts,
-    _RowBuilder,
-    _schema,
+    RowBuilder,
+    atelier_meta,
+    check_existing,
+    check_paths,
+    claim_parts,
     fingerprint,
+    join_parts,
+    launch,
     output_meta,
+    output_schema,
     parts_folder,
     place_predictor,
+    read_parts,
+    remove_parts,
     write_part,
 )
 from curator.core.errors import AtelierError
@@ -91,7 +91,7 @@ class _ClassifyActor:
                                          lambda kind, info: None)
         self.k, self.embeddings = k, embeddings
         p = self.predictor
-        self.rows = _RowBuilder(p.classes, p.name, k, embeddings, p.embedding_width)
+        self.rows = RowBuilder(p.classes, p.name, k, embeddings, p.embedding_width)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
@@ -99,7 +99,7 @@ class _ClassifyActor:
         has = batch["has_pixels"]
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][has])).to(self.runtime.device)
         ready = Ready(unpack_meta(batch["meta"]), pixels, np.flatnonzero(has))
-        table = pa.Table.from_batches([self.rows(_launch(self.predictor, ready, self.runtime, self.k,
+        table = pa.Table.from_batches([self.rows(launch(self.predictor, ready, self.runtime, self.k,
                                                          self.embeddings))])
         return (table.append_column("shard", pa.array(batch["shard"], pa.int64()))
                 .append_column("seq", pa.array(batch["seq"], pa.int64())))
@@ -141,7 +141,7 @@ class _ShardWriter:
         self.written.append(target)
         self.rows += table.num_rows
         self.errors += table.num_rows - table.column("error").null_count
-        self.predicted += table.num_rows - table.column("label").null_count
+        self.predicted += table.num_rows - table.column("predicted").null_count
 
     @property
     def missing(self) -> int:
@@ -169,33 +169,33 @@ def classify_dir_ray(root: Path, out: Path, settings: PredictSettings | None = N
     refuse_local_options(settings.workers, settings.gpu_decode)
     root, out = Path(root), Path(out)
     parts = parts_folder(out)
-    _check_paths(root, out)
+    check_paths(root, out)
     fp = fingerprint(root, settings, engine="ray")
-    if _check_existing(out, parts, fp, settings.resume):
+    if check_existing(out, parts, fp, settings.resume):
         done_rows = pq.read_metadata(out).num_rows
-        ran = (_atelier_meta(out) or {}).get("runtime") or {}
+        ran = (atelier_meta(out) or {}).get("runtime") or {}
         runtime = Runtime(ran.get("device", "?"), ran.get("dtype", "?"), "the finished run's")
         return RayPredictResult(out, done_rows, 0, 0, done_rows, 0.0, runtime, "already complete")
     predictor = Predictor(settings)  # the local engine's loader, here on the CPU: checks the model once
-    schema = _schema(settings.embeddings)
+    schema = output_schema(settings.embeddings)
     k = min(settings.top_k, len(predictor.classes))
     with ray_session(ray_settings) as cluster, ray_errors(
             "classify dir", f"the finished shards are kept in {parts.name}: rerun with --resume"):
         plan = plan_pool(cluster, ray_settings, settings.device)
         runtime = actor_runtime(plan, settings.dtype)
         batch_size, shard_size = settings.resolved(plan.device)
-        _claim_parts(parts, fp)  # only once the cluster is there and the plan holds: a refusal leaves nothing
-        part_files, done, resumed = _read_parts(parts, schema)
+        claim_parts(parts, fp)  # only once the cluster is there and the plan holds: a refusal leaves nothing
+        part_files, done, resumed = read_parts(parts, schema)
         start = time.perf_counter()
         first = _next_shard(part_files)
-        chunks = _Chunks(_Inputs(root, out, settings.follow_symlinks), frozenset(done), shard_size)()
+        chunks = Chunks(Inputs(root, out, settings.follow_symlinks), frozenset(done), shard_size)()
         listing = ([{"shard": first + i, "seq": j, "path": path_bytes(p)} for j, p in enumerate(chunk)]
                    for i, chunk in enumerate(chunks))
         refs, sizes = put_shards(ray, listing)
         emit("stage", {"name": "classify", "total": resumed + sum(sizes)})
         emit("advance", {"n": resumed})
         writer = _ShardWriter(parts, schema, {first + i: n for i, n in enumerate(sizes)})
-        work = _DirWork(root, ReadPolicy(root, settings.max_bytes, settings.follow_symlinks), predictor.preprocess)
+        work = DirWork(root, ReadPolicy(root, settings.max_bytes, settings.follow_symlinks), predictor.preprocess)
         model = (_ClassifyActor, (ray.put(predictor), plan.device, settings.dtype, settings.compile, k,
                                   settings.embeddings))
         for table in run_pipeline(ray, refs, DecodeBatch(work, predictor.shape), *model, plan, batch_size,
@@ -205,8 +205,8 @@ def classify_dir_ray(root: Path, out: Path, settings: PredictSettings | None = N
     if writer.missing:
         raise AtelierError(f"the Ray run returned no row for {writer.missing} files; the finished shards are kept in "
                            f"{parts.name}: rerun with --resume")
-    _join_parts(sorted([*part_files, *writer.written]), out, schema, output_meta(root, predictor, runtime, k, fp))
-    _remove_parts(parts)
+    join_parts(sorted([*part_files, *writer.written]), out, schema, output_meta(root, predictor, runtime, k, fp))
+    remove_parts(parts)
     return RayPredictResult(out, resumed + writer.rows, writer.errors, writer.predicted, resumed, seconds, runtime,
                             predictor.name, batch_size, plan.concurrency, plan=plan, shards=len(sizes),
                             shard_size=shard_size)

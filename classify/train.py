@@ -27,7 +27,6 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -69,6 +68,7 @@ from classify.trainset import (
 )
 from curator.core.atomic import atomic_path
 from curator.core.ownership import claim
+from curator.core.progress import Event
 from curator.core.runtime import Runtime, select_runtime
 from curator.embedding.backbones import load_backbone
 from curator.embedding.embed import cache_for, default_workers
@@ -77,7 +77,6 @@ from curator.embedding.preprocess import Preprocess
 __all__ = ["TrainResult", "TrainSettings", "train", "training_runtime",
            "Crops", "class_weights", "macro_f1", "predict_pixels", "train_probe"]
 
-Event = Callable[[str, dict], None]
 
 
 @dataclass
@@ -227,7 +226,7 @@ class _Run:
         pixels = PixelCache(self.table.workspace / "cache" / "pixels", preprocess)
         items = file_items(used.filter(~pl.col("sha256").is_in(list(failed))))
         self.emit("stage", {"name": "decode", "total": len(items)})
-        failed.update(fill_pixel_cache(pixels, items, workers, progress=lambda n: self.emit("advance", {"n": n})))
+        failed.update(fill_pixel_cache(pixels, items, workers, events=self.emit))
         self.warnings.extend(pixels.warnings)
         return CachedPixels(pixels, workers, self.device)
 

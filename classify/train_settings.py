@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from curator.core.errors import UsageError
+from curator.core.errors import SettingsError, UsageError
 from curator.embedding.backbones import TRAIN_BACKBONE
 
 
@@ -52,15 +52,15 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.unfreeze < 0 or self.batch_size < 2 or self.patience < 1:
-            raise UsageError("epochs and unfreeze must be >= 0, batch size >= 2, patience >= 1")
+            raise SettingsError("epochs and unfreeze must be >= 0, batch size >= 2, patience >= 1")
         if self.balance not in ("loss", "sampler", "none"):
-            raise UsageError(f"--balance must be loss, sampler or none, not {self.balance!r}")
+            raise SettingsError(f"--balance must be loss, sampler or none, not {self.balance!r}")
         if self.positive_column not in ("label", "group"):
-            raise UsageError(f"--positive-column must be label or group, not {self.positive_column!r}")
+            raise SettingsError(f"--positive-column must be label or group, not {self.positive_column!r}")
         if self.min_precision is not None and not 0 < self.min_precision <= 1:
-            raise UsageError("--min-precision must be in (0, 1]")
+            raise SettingsError("--min-precision must be in (0, 1]")
         if not 0 < self.min_scale <= 1:
-            raise UsageError("--min-scale must be in (0, 1]")
+            raise SettingsError("--min-scale must be in (0, 1]")
         self._check_numbers()
 
     def _check_numbers(self) -> None:

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
-from typer.core import TyperGroup
 
+from curator.cli_support import (
+    StageDisplay,
+    console,
+    fail,
+    pipeline_order,
+    progress_bar,
+    version_option,
+)
 from curator.core.errors import AtelierError, UsageError
 from curator.core.settings import (
     DEFAULT_MAX_BYTES,
@@ -32,20 +26,9 @@ from curator.core.settings import (
     QualitySettings,
 )
 
-
-class PipelineOrder(TyperGroup):
-    """Commands listed in the order the pipeline runs them, not alphabetically or by definition."""
-
-    ORDER = ("ingest", "clean", "split")
-
-    def list_commands(self, ctx) -> list[str]:
-        names = super().list_commands(ctx)
-        return sorted(names, key=lambda n: self.ORDER.index(n) if n in self.ORDER else len(self.ORDER))
-
-
 app = typer.Typer(
     name="curator",
-    cls=PipelineOrder,
+    cls=pipeline_order("ingest", "clean", "split"),
     help="Turn messy folders of artwork images into clean, leak-free training sets.",
     epilog="The pipeline, in order (then `classify train --splits curated/splits.parquet --out runs/styles`):\n\n"
            "curator ingest folder ./downloads --out raw --group-pattern '^([^_]+)_'\n\n"
@@ -55,109 +38,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-#: Logs into a file or a pipe: full-width tables (rich would cut them at 80 columns) and plain progress lines.
-console = Console(width=None if sys.stdout.isatty() else 200)
 DUP = DuplicateSettings()
-err_console = Console(stderr=True)
-
-
-class RichProgress:
-    """Draws the library's progress callbacks as a rich progress bar with rate and ETA."""
-
-    def __init__(self, progress: Progress):
-        self.progress = progress
-        self.task = None
-
-    def start(self, stage: str, total: int) -> None:
-        self.task = self.progress.add_task(stage, total=total)
-
-    def advance(self, n: int = 1) -> None:
-        if self.task is not None:
-            self.progress.advance(self.task, n)
-
-
-class RateColumn(ProgressColumn):
-    """Items per second, blank until rich has measured a rate."""
-
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:6.1f}/s" if task.speed else "     -/s")
-
-
-class PlainProgress:
-    """Progress for logs and pipes: one plain line per stage every `every` seconds and when it ends (no bars, no
-    `0/?`), with the same calls as rich's `Progress` that the commands use."""
-
-    def __init__(self, out: Console, every: float = 5.0):
-        self.console, self.every = out, every
-        self.tasks: dict[int, dict] = {}
-
-    def __enter__(self) -> PlainProgress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for task in list(self.tasks):
-            self._finish(task)
-
-    def add_task(self, description: str, total: float | None = None, **_) -> int:
-        for task in list(self.tasks):
-            self._finish(task)
-        task = len(self.tasks) + 1000
-        self.tasks[task] = {"description": description, "total": total, "done": 0, "start": time.monotonic(),
-                            "said": time.monotonic()}
-        return task
-
-    def advance(self, task: int, n: float = 1) -> None:
-        self.update(task, advance=n)
-
-    def remove_task(self, task: int) -> None:
-        self._finish(task)
-
-    def update(self, task: int, description: str | None = None, advance: float = 0, **_) -> None:
-        state = self.tasks.get(task)
-        if state is None:
-            return
-        state["done"] += advance
-        if description is not None:
-            state["description"] = description
-        if time.monotonic() - state["said"] >= self.every:
-            self._say(state)
-
-    def _say(self, state: dict, end: bool = False) -> None:
-        seconds = time.monotonic() - state["start"]
-        done, total = state["done"], state["total"]
-        count = f"{done:,.0f}/{total:,.0f}" if total else f"{done:,.0f}"
-        rate = f", {done / seconds:.1f}/s" if seconds > 0 and done else ""
-        self.console.print(f"{escape(state['description'])}: {count}{rate}, {seconds:.0f} s"
-                           + (" (done)" if end else ""), highlight=False, soft_wrap=True)
-        state["said"] = time.monotonic()
-
-    def _finish(self, task: int) -> None:
-        state = self.tasks.pop(task, None)
-        if state is not None:
-            self._say(state, end=True)
-
-
-def progress_bar() -> Progress | PlainProgress:
-    """A rich progress bar on a terminal; plain progress lines in a log file or a pipe."""
-    if not console.is_terminal:
-        return PlainProgress(console)
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-    )
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        console.print(f"curator (atelier) {version('atelier')}", highlight=False)
-        raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+    show_version: Annotated[bool, typer.Option("--version", callback=version_option("curator"), is_eager=True,
                                                help="Print the version and exit.")] = False,
 ) -> None:
     """Turn messy folders of artwork images into clean, leak-free training sets.
@@ -166,15 +52,9 @@ def _root(
     """
 
 
-
 ingest_app = typer.Typer(help="Fetch images into a class-folder tree with catalog.parquet (provenance per image).",
                          no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
-
-
-def fail(exc: AtelierError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=exc.exit_code)
 
 
 @app.command(short_help="Check every file, find duplicates, conflicts, mislabels and quality issues; write the "
@@ -220,10 +100,11 @@ def clean(
         help="Near-duplicates need colour signatures with at least this cosine (grey images always agree).")
     ] = DUP.colour_min,
     flag_only: Annotated[bool, typer.Option(
-        "--flag-only", help="Mark likely mislabelled images (status outlier) but keep them for review.")] = False,
+        "--flag-only", help="Keep the mislabel outliers (every witness contradicts the label: removed by default) "
+                            "too, marked status outlier. Unusual images (tier review) are always kept.")] = False,
     relabel: Annotated[bool, typer.Option(
-        "--relabel", help="Keep likely mislabelled images under the suggested label where the evidence is strong "
-                          "(mislabel score >= 0.9), recording the original; drop the others.")] = False,
+        "--relabel", help="Keep mislabel outliers under the suggested label where the evidence is strong "
+                          "(mislabel score >= 0.9), recording the original; drop the other outliers.")] = False,
     export: Annotated[Path | None, typer.Option(
         help="Also place the kept images in this folder as a class-folder tree (hard links where possible, "
              "copies otherwise; never overwriting other files), with their manifest.")] = None,
@@ -290,7 +171,7 @@ def clean(
         if export is not None:
             check_destination(root, export, workspace=out)
         with progress_bar() as bar:
-            result = run_clean(settings, RichProgress(bar), embedder)
+            result = run_clean(settings, StageDisplay(bar), embedder)
         exported = export_kept(result.manifest, result.root, export) if export is not None else None
     except AtelierError as exc:
         raise fail(exc) from None
@@ -318,9 +199,13 @@ def split(
     groups: Annotated[bool, typer.Option(help="Keep each group in one split; --no-groups keeps only duplicate "
                                               "clusters together (for one artist against the rest).")] = True,
     seed: Annotated[int, typer.Option(help="Seed; the same manifest and seed give the same file.")] = 0,
+    allow_leaks: Annotated[bool, typer.Option(
+        "--allow-leaks", help="Write the split even if near-duplicate pairs still cross it after the placement rounds "
+                              "(they are listed in split_report.json); without it such a split is not written, "
+                              "exit 1.")] = False,
 ) -> None:
     """Split the cleaned images: stratified by label, no group or duplicate cluster in two splits, with a leak
-    certificate (split_report.json)."""
+    certificate (split_report.json) at the duplicate thresholds `curator clean` recorded in settings.json."""
     from curator.stages.splits import SplitSettings, make_splits
 
     try:
@@ -329,7 +214,7 @@ def split(
         raise fail(UsageError(f"--ratios must be three numbers like 0.8,0.1,0.1; got {ratios!r}")) from None
     try:
         settings = SplitSettings(ratios=parts, balance=balance, balance_all=balance_all, group_pattern=group_pattern,
-                                 folds=folds, seed=seed, use_groups=groups)
+                                 folds=folds, seed=seed, use_groups=groups, allow_leaks=allow_leaks)
         result = make_splits(workspace, settings)
     except AtelierError as exc:
         raise fail(exc) from None
@@ -345,9 +230,11 @@ def split(
     console.print(table)
     cert = report["certificate"]
     console.print(f"groups: {report['groups']}, units kept together (groups + duplicate clusters): {report['units']}")
+    closest = cert["min_cross_split_phash_distance"]
+    closest = closest if cert.get("min_cross_split_phash_distance_exact", True) else f"> {cert['phash_radius']}"
     console.print(f"certificate: largest cross-split cosine {cert['max_cross_split_cosine']:.3f} (duplicate threshold "
                   f"{cert['cosine_threshold']:.3f}); smallest cross-split pHash distance "
-                  f"{cert['min_cross_split_phash_distance']} (radius {cert['phash_radius']}); pairs above either: "
+                  f"{closest} (radius {cert['phash_radius']}); pairs above either: "
                   f"{cert['pairs_above_cosine_or_phash']} after {len(report['certificate_rounds'])} round(s)")
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -386,6 +273,12 @@ def print_clean_summary(result) -> None:
     relabelled = int(flagged["original_label"].is_not_null().sum())
     console.print(f"mislabels: {len(flagged)} flagged ({relabelled} relabelled, "
                   f"{int((flagged['keep']).sum())} kept for review)")
+    estimate = result.mislabels
+    if estimate.get("noise_interval"):
+        low, high = estimate["noise_interval"]
+        console.print(f"           estimated {100 * estimate['noise_rate']:.1f}% of labels wrong (90% interval "
+                      f"{100 * low:.1f}-{100 * high:.1f}%)" + ("" if estimate.get("reliable", True) else
+                                                             "; too few images to trust it: nothing removed"))
     quality = {name: int(df[f"is_{name}_issue"].sum()) for name in QUALITY_CHECKS if f"is_{name}_issue" in df.columns}
     if quality:
         console.print("  quality: " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in quality.items())

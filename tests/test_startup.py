@@ -67,7 +67,8 @@ def test_every_command_is_covered():
     named = {(module, " ".join(path)) for module, path in HELP_CASES}
     for expected in [("curator.cli", ""), ("curator.cli", "clean"), ("curator.cli", "split"),
                      ("curator.cli", "ingest folder"), ("classify.cli", ""), ("classify.cli", "train"),
-                     ("classify.cli", "eval"), ("classify.cli", "dir"), ("classify.cli", "models")]:
+                     ("classify.cli", "eval"), ("classify.cli", "dir"), ("classify.cli", "models"),
+                     ("classify.cli", "serve")]:
         assert expected in named
 
 

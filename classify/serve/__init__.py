@@ -1,9 +1,10 @@
 """`classify serve`: a trained run (or the backbone's ImageNet classes) behind an HTTP API, with a web page.
 
-- `engine.py`: the model side, no HTTP: loads the model exactly as `classify dir --model RUN` does
+- `engine.py`: the model side, no HTTP: loads the model exactly as `classify dir --run RUN` does
   (`classify.predict.Predictor`), turns uploaded bytes into the model's input through the same safe loader and
   preprocessing (`classify.predict.image_pixels`), and ranks with the same code (`classify.predict.predict_pixels`),
   so a served prediction equals the batch one for the same file.
+- `folding.py`: batch norms folded into their convolutions at load (checked against the unfolded outputs), for speed.
 - `batcher.py`: micro-batching: concurrent requests are gathered into one forward pass.
 - `similar.py`: the run's training images nearest to an upload, from the workspace's cached embeddings.
 - `uploads.py`: multipart uploads read into memory under a size bound; nothing is written to disk.

@@ -17,3 +17,8 @@ class UsageError(AtelierError):
 
 class ManifestError(AtelierError):
     """A manifest file that is missing, unreadable or not of the expected schema."""
+
+
+class SettingsError(UsageError, ValueError):
+    """A settings object given a value it cannot run with. The one error every settings class raises (curator's and
+    classify's); a `ValueError` too, so that code catching bad values the standard way still does."""

@@ -91,7 +91,15 @@ OPTIONAL: dict[str, Column] = {
     "mislabel_score": Column(pl.Float32, "probability that the label is wrong (0..1, higher is worse); null unless "
                                          "the row was kept and labelled when scored"),
     "suggested_label": Column(pl.String, "the class the evidence favours most after the given one"),
-    "is_mislabel_issue": Column(pl.Boolean, "flagged as mislabelled (status outlier, or relabelled)"),
+    "is_mislabel_issue": Column(pl.Boolean, "flagged as possibly mislabelled, in either tier (see mislabel_tier)"),
+    "mislabel_tier": Column(pl.String, "outlier (every witness contradicts the label: removed by default, or kept "
+                                       "with status outlier under --flag-only, or relabelled), review (unusual for "
+                                       "its label, witnesses disagree: kept, status unchanged) or null"),
+    "mislabel_group_share": Column(pl.Float32, "share of the same group's (artist's) other works filed under the "
+                                               "row's label; null when the row has no group or is alone in it"),
+    "mislabel_margin": Column(pl.Float32, "the smallest preference, among the probe, the other-artist neighbours and "
+                                          "the group, for the suggested label over the given one (-1..1; > "
+                                          "outlier_margin for every witness in the outlier tier)"),
     "original_label": Column(pl.String, "the label before --relabel changed it; null otherwise"),
     "mislabel_neighbours": Column(pl.List(pl.String), "for flagged rows: the 3 nearest images of the suggested class"),
     # curator.stages.splits (splits.parquet: the kept rows only)

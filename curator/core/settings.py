@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from curator.core.errors import SettingsError
+
 #: Files larger than this are not read (`--max-bytes`): a 179 MP 16-bit TIFF is about 1 GB, a 3 MP JPEG 1-3 MB.
 DEFAULT_MAX_BYTES = 1 << 30
 
@@ -33,38 +35,64 @@ class DuplicateSettings:
 
     def __post_init__(self) -> None:
         if self.conflicts not in ("drop", "majority", "keep"):
-            raise ValueError(f"conflicts must be drop, majority or keep; got {self.conflicts!r}")
+            raise SettingsError(f"conflicts must be drop, majority or keep; got {self.conflicts!r}")
         for name in ("phash_radius", "dhash_radius", "crop_radius", "verify_radius"):
             value = getattr(self, name)
             if not 0 <= value <= 64:
-                raise ValueError(f"{name} must be between 0 and 64 bits; got {value!r}")
+                raise SettingsError(f"{name} must be between 0 and 64 bits; got {value!r}")
         if not 0 < self.embed_relative < 1:
-            raise ValueError(f"embed_relative must be in (0, 1); got {self.embed_relative!r}")
+            raise SettingsError(f"embed_relative must be in (0, 1); got {self.embed_relative!r}")
         if not self.hash_gap_factor > 0:
-            raise ValueError(f"hash_gap_factor must be positive; got {self.hash_gap_factor!r}")
+            raise SettingsError(f"hash_gap_factor must be positive; got {self.hash_gap_factor!r}")
         if not -1 <= self.colour_min <= 1:
-            raise ValueError(f"colour_min must be a cosine in [-1, 1]; got {self.colour_min!r}")
+            raise SettingsError(f"colour_min must be a cosine in [-1, 1]; got {self.colour_min!r}")
 
 
 @dataclass(frozen=True)
 class MislabelSettings:
-    """Settings of stage 6 (`curator.stages.mislabels`); written into the workspace's settings.json with the run."""
+    """Settings of stage 6 (`curator.stages.mislabels`); written into the workspace's settings.json with the run.
+
+    `tau`: the evidence level below which the noise estimate counts a label as contradicted (on the evidence of the
+    probe, the other-artist neighbours and the row's own group together); `tau_alone` for rows without a group witness
+    (no group, or alone in it: probe and neighbours only). `review_recall`: the `review` tier reaches
+    as far as the evidence that this share of wrong labels would fall below (read off the collection's own evidence for
+    the classes rows are NOT filed under). `outlier_margin`: in the `outlier` (removed) tier, every witness must favour
+    the suggested class over the given one by more than this. `bootstrap`: resamples of the artists (groups) for the
+    noise estimate's interval. `min_judged`: judged rows with other works of their group (a group witness) needed to
+    trust the estimate, or `min_judged_alone` judged rows in all; below both, nothing is removed (the would-be
+    outliers are kept for review)."""
 
     folds: int = 5
     neighbours: int = 40
     regularisation: float = 0.05
     action: str = "remove"
     relabel_min: float = 0.9
-    tau: float = 0.01
+    tau: float = 0.05
+    tau_alone: float = 0.01
+    review_recall: float = 0.9
+    outlier_margin: float = 0.0
+    bootstrap: int = 200
+    min_judged: int = 100
+    min_judged_alone: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
-            raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {self.action!r}")
+            raise SettingsError(f"action must be one of {', '.join(ACTIONS)}; got {self.action!r}")
         if self.folds < 2:
-            raise ValueError(f"folds must be at least 2; got {self.folds!r}")
+            raise SettingsError(f"folds must be at least 2; got {self.folds!r}")
         if self.neighbours < 1:
-            raise ValueError(f"neighbours must be at least 1; got {self.neighbours!r}")
+            raise SettingsError(f"neighbours must be at least 1; got {self.neighbours!r}")
+        for name in ("tau", "tau_alone"):
+            if not 0 < getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be in (0, 1); got {getattr(self, name)!r}")
+        if not 0 <= self.review_recall < 1:
+            raise SettingsError(f"review_recall must be in [0, 1); got {self.review_recall!r}")
+        if not 0 <= self.outlier_margin < 1:
+            raise SettingsError(f"outlier_margin must be in [0, 1); got {self.outlier_margin!r}")
+        for name in ("bootstrap", "min_judged", "min_judged_alone"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative; got {getattr(self, name)!r}")
 
 
 #: The image-quality checks (`curator.stages.quality`), in the order the manifest, the report and the CLI list them.
@@ -89,7 +117,7 @@ class QualitySettings:
 
     def __post_init__(self) -> None:
         if not (self.z > 0 and self.brightness_z > 0):
-            raise ValueError(f"z and brightness_z must be positive; got {self.z!r}, {self.brightness_z!r}")
+            raise SettingsError(f"z and brightness_z must be positive; got {self.z!r}, {self.brightness_z!r}")
         for name in ("aspect_ratio_min", "size_ratio_min"):
             if not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)!r}")
+                raise SettingsError(f"{name} must be at least 1; got {getattr(self, name)!r}")

@@ -36,6 +36,7 @@ from curator.core.atomic import atomic_path
 from curator.core.errors import UsageError
 from curator.core.hashing import Fingerprint, fingerprint
 from curator.core.images import FileInfo, ReadPolicy, decode_bytes, read_source
+from curator.core.progress import Event, advance
 from curator.core.runtime import Runtime
 from curator.core.store import RecordStore, set_aside, sha_array
 from curator.embedding import preprocess as preprocessing
@@ -48,7 +49,6 @@ EMBEDDING_PARTS = ("pooled", "stats")
 #: The CPU batch (`curator.embedding.dataplane.BATCH_SIZE`); `embed_files` picks it by device when given None.
 DEFAULT_BATCH_SIZE = 64
 
-ProgressFn = Callable[[int], None]
 
 
 def pixel_scale(mean: Sequence[float], std: Sequence[float],
@@ -446,7 +446,7 @@ def default_workers(device: str | None = None) -> int:
 def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache, runtime: Runtime, *,
                 batch_size: int | None = None, workers: int | None = None,
                 known: dict[str, tuple[FileInfo, Fingerprint | None]] | None = None,
-                progress: ProgressFn | None = None, policy: ReadPolicy = ReadPolicy()) -> EmbedReport:
+                events: Event | None = None, policy: ReadPolicy = ReadPolicy()) -> EmbedReport:
     """Judge and fingerprint every file, and make sure every ok image's features are in `cache`.
 
     Decoding runs on the batched data plane (`curator.embedding.dataplane`, the one `classify dir` uses) with the
@@ -503,8 +503,7 @@ def embed_files(paths: Sequence[Path], backbone: Backbone, cache: EmbeddingCache
             run_model(pending_shas[:batch_size], stacked[:batch_size])
             pending_shas = pending_shas[batch_size:]
             pending_pixels = [stacked[batch_size:]] if pending_shas else []
-        if progress:
-            progress(len(ready.meta))
+        advance(events, len(ready.meta))
     if pending_shas:
         run_model(pending_shas, torch.cat(pending_pixels))
     elapsed = time.perf_counter() - start

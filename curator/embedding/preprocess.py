@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from curator.core.errors import SettingsError
+
 #: Bumped whenever the geometry or the resampling below changes, so that caches keyed by it are not reused.
 VERSION = 2
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
@@ -32,9 +34,10 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if not (0 < self.crop <= self.resize):
-            raise ValueError(f"preprocessing needs 0 < crop <= resize, got crop {self.crop} and resize {self.resize}")
+            raise SettingsError(f"preprocessing needs 0 < crop <= resize, got crop {self.crop} and resize "
+                                f"{self.resize}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of {INTERPOLATIONS}")
+            raise SettingsError(f"unknown interpolation {self.interpolation!r}; expected one of {INTERPOLATIONS}")
 
     @classmethod
     def from_data_config(cls, config: dict) -> Preprocess:

@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from curator.core.errors import AtelierError, UsageError
+from curator.core.errors import AtelierError, SettingsError, UsageError
 from curator.core.images import MAX_PIXELS, FileInfo, ReadPolicy
+from curator.core.progress import Event, advance
 from curator.core.runtime import Runtime, select_runtime
 
 ENGINES = ("local", "ray")
@@ -110,12 +111,12 @@ class RaySettings:
 
     def __post_init__(self) -> None:
         if self.address is not None and not _ADDRESS.fullmatch(self.address):
-            raise UsageError(f"--address must be auto, ray://HOST:PORT or HOST:PORT, got {self.address!r}")
+            raise SettingsError(f"--address must be auto, ray://HOST:PORT or HOST:PORT, got {self.address!r}")
         gpus = self.num_gpus_per_worker
         if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
-            raise UsageError(f"--num-gpus-per-worker must be 0 or more, got {gpus}")
+            raise SettingsError(f"--num-gpus-per-worker must be 0 or more, got {gpus}")
         if self.concurrency is not None and self.concurrency < 1:
-            raise UsageError(f"--concurrency must be at least 1 model actor, got {self.concurrency}")
+            raise SettingsError(f"--concurrency must be at least 1 model actor, got {self.concurrency}")
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,7 @@ class RayEmbedder:
 
     def __call__(self, paths: Sequence[Path], backbone, cache, runtime: Runtime, *, batch_size: int | None = None,
                  workers: int | None = None, known: dict | None = None,
-                 progress: Callable[[int], None] | None = None, policy: ReadPolicy = ReadPolicy()):
+                 events: Event | None = None, policy: ReadPolicy = ReadPolicy()):
         from curator.embedding.dataplane import chunked, default_batch_size
         from curator.embedding.embed import CleanWork, EmbedReport
 
@@ -428,8 +429,7 @@ class RayEmbedder:
                     cache.append(fresh_shas, block["features"][fresh_rows])
                     computed += len(fresh_rows)
                 model_seconds += float(block["model_seconds"].sum())
-                if progress:
-                    progress(new)
+                advance(events, new)
             elapsed = time.perf_counter() - start
         lost = sum(1 for info in infos if info is None)
         if lost:

@@ -42,7 +42,7 @@ import re
 import stat
 import threading
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +57,7 @@ from curator.core.images import IMAGE_EXTENSIONS, ReadPolicy, decode_bytes, read
 from curator.core.manifest import SCHEMA_VERSION
 from curator.core.ownership import MARKER, claim, marker_kind
 from curator.core.paths import display
+from curator.core.progress import Event
 from curator.ingest.fetch import FetchError, PoliteClient
 
 CATALOG_NAME = "catalog.parquet"
@@ -79,7 +80,6 @@ MAX_NAME_BYTES = 120
 #: (`.NAME.atelier-part`) still fits the 255-byte name limit of common file systems.
 MAX_KEPT_BYTES = 255 - len(".") - len(PART_SUFFIX)
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "MPO": ".jpg"}
-Event = Callable[[str, dict], None]
 
 
 @dataclass

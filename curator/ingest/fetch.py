@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from curator.core.errors import SettingsError
+
 USER_AGENT = "atelier-curator/0.1 (+https://github.com/atelier; dataset curation; polite: rate-limited)"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -35,11 +37,9 @@ class FetchSettings:
     user_agent: str = USER_AGENT
 
     def __post_init__(self) -> None:
-        from curator.core.errors import UsageError
-
         if self.rate <= 0 or self.concurrency < 1 or self.timeout <= 0 or self.retries < 0 or self.max_bytes < 1:
-            raise UsageError("--rate, --timeout and --max-bytes must be positive, --concurrency at least 1, "
-                             "--retries at least 0")
+            raise SettingsError("--rate, --timeout and --max-bytes must be positive, --concurrency at least 1, "
+                                "--retries at least 0")
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -18,15 +17,30 @@ import polars as pl
 from curator.core import manifest
 from curator.core.errors import ManifestError, UsageError
 from curator.core.hashing import Fingerprint, to_hex
-from curator.core.images import DEFAULT_MAX_BYTES, STATUS_OK, FileInfo, ReadPolicy, looks_like_image, scan
+from curator.core.images import (
+    DEFAULT_MAX_BYTES,
+    STATUS_OK,
+    FileInfo,
+    ReadPolicy,
+    looks_like_image,
+    scan,
+)
 from curator.core.neighbours import build as build_neighbourhood
 from curator.core.neighbours import graph_width
 from curator.core.ownership import MARKER, claim, marker_kind
 from curator.core.paths import display, relative_text
+from curator.core.progress import Event, advance, stage
 from curator.core.runtime import Runtime, select_runtime
 from curator.core.settings import QualitySettings
 from curator.embedding.backbones import DEFAULT_BACKBONE, load_backbone
-from curator.embedding.embed import DEFAULT_BATCH_SIZE, EmbedReport, cache_for, embed_files, embedding_matrix
+from curator.embedding.embed import (
+    DEFAULT_BATCH_SIZE,
+    EmbeddingCache,
+    EmbedReport,
+    cache_for,
+    embed_files,
+    embedding_matrix,
+)
 from curator.ingest.catalog import CATALOG_NAME, JOURNAL_NAME, PART_SUFFIX, read_catalog
 from curator.stages.duplicates import DuplicateSettings, find_duplicates
 from curator.stages.mislabels import MislabelSettings, apply_mislabels, vote_size
@@ -40,22 +54,6 @@ STATS = manifest.STATS_COLUMNS
 #: `EmbedReport`: `curator.embedding.embed.embed_files` (this machine) or `curator.embedding.ray_embed.RayEmbedder` (a
 #: Ray cluster).
 Embedder = Callable[..., EmbedReport]
-
-
-class Progress(Protocol):
-    """Receives progress from long stages; the CLI draws it with rich."""
-
-    def start(self, stage: str, total: int) -> None: ...
-
-    def advance(self, n: int = 1) -> None: ...
-
-
-class _Silent:
-    def start(self, stage: str, total: int) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -92,6 +90,7 @@ class CleanResult:
     report_path: Path | None = None
     root: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    mislabels: dict = field(default_factory=dict)  # the mislabel stage's noise estimate and tier sizes
 
 
 def compile_group_pattern(pattern: str | None) -> re.Pattern | None:
@@ -242,12 +241,74 @@ def is_workspace(folder: Path) -> bool:
         return False
 
 
-def clean(settings: CleanSettings, progress: Progress | None = None, embedder: Embedder = embed_files) -> CleanResult:
+@dataclass
+class LaterStages:
+    """What `later_stages` gives `clean`: the judged frame (not yet validated as a manifest), the duplicate pairs, the
+    mislabel stage's warnings, seconds per stage, the image-quality thresholds as sentences, and the gathered
+    embeddings of the ok rows (`vectors`, row `ok_rows` of the frame each; None when no row is ok) for the report's
+    map, and the mislabel stage's summary (`mislabels`: its noise estimate with the interval, and the tiers'
+    sizes)."""
+
+    frame: pl.DataFrame
+    pairs: pl.DataFrame | None
+    warnings: list[str]
+    timings: dict[str, float]
+    quality: dict[str, str]
+    vectors: np.ndarray | None
+    ok_rows: np.ndarray
+    mislabels: dict
+
+
+def later_stages(frame: pl.DataFrame, cache: EmbeddingCache, layout: dict[str, tuple[int, int]],
+                 settings: CleanSettings, cache_dir: Path, events: Event | None = None) -> LaterStages:
+    """Everything `curator clean` does after the embedding pass, on the stage-1 frame and the embedding cache it
+    filled: image quality, ok rows without usable features turned corrupt, one neighbour graph over the ok rows'
+    embeddings (read from `cache` a chunk at a time, `layout` saying which feature parts make the embedding), the
+    duplicate cascade, and the mislabel stage (its scores cached under `cache_dir`). A function of its own so that
+    bench/scale.py measures this very code on synthetic workspaces of up to a million rows."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    frame, quality_thresholds = apply_quality(frame, settings.quality)
+    frame = without_features(frame, cache.missing(frame.filter(pl.col("status") == STATUS_OK)["sha256"].to_list()))
+    timings["quality"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ok = (frame["status"] == STATUS_OK).to_numpy()
+    ok_shas = frame.filter(pl.Series(ok))["sha256"].to_list()
+    space = None
+    if ok_shas:
+        # one neighbour graph for both later stages, over the ok rows' embeddings read a chunk at a time; the
+        # progress line says up front what the rows held for the search take
+        read = cache.reader(ok_shas)
+        width = graph_width(len(ok_shas), settings.duplicates.embed_neighbours,
+                            vote_size(len(ok_shas), settings.mislabels)[1])
+        space = build_neighbourhood(lambda start, stop: embedding_matrix(read(start, stop), layout), len(ok_shas),
+                                    embedding_matrix(read(0, 1), layout).shape[1], width,
+                                    events=events)
+    timings["neighbours"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stage(events, "duplicates (exact, phash, embedding)", 3)
+    frame, pairs = find_duplicates(frame, space, settings.duplicates, events)
+    timings["duplicates"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stage(events, "mislabels (probe + neighbours)", 1)
+    # kept rows are a subset of the ok rows: the mislabel stage reads the same rows and the same graph, mapped
+    kept = (frame["keep"] & frame["label"].is_not_null()).to_numpy()
+    kept_space = space.subset(np.flatnonzero(kept[ok])) if space is not None and kept.any() else None
+    vectors = space.vectors if space is not None else None  # the report's map reads them (no copy)
+    space = None  # the ok rows' graph is not needed any more
+    estimate: dict = {}
+    frame, warnings = apply_mislabels(frame, kept_space, settings.mislabels, cache_dir=cache_dir, summary=estimate)
+    advance(events)
+    timings["mislabels"] = time.perf_counter() - t0
+    return LaterStages(frame, pairs, list(warnings), timings, quality_thresholds, vectors, np.flatnonzero(ok),
+                       estimate)
+
+
+def clean(settings: CleanSettings, events: Event | None = None, embedder: Embedder = embed_files) -> CleanResult:
     """Run stage 1 on `settings.root` and write `manifest.parquet` and `settings.json` into the workspace.
 
     `embedder` does the embedding pass (`embed_files` here, or `curator.embedding.ray_embed.RayEmbedder` on a Ray
     cluster); the later stages run here, on the arrays it leaves in the cache."""
-    progress = progress or _Silent()
     root = Path(settings.root)
     if not root.exists():
         raise UsageError(f"root folder {root} does not exist")
@@ -279,63 +340,37 @@ def clean(settings: CleanSettings, progress: Progress | None = None, embedder: E
     backbone = load_backbone(settings.backbone, settings.weights)
     timings["load_backbone"] = time.perf_counter() - t0
     cache = cache_for(workspace, backbone)
-    progress.start("integrity + embeddings", len(paths))
+    stage(events, "integrity + embeddings", len(paths))
     report = embedder(
         paths, backbone, cache, runtime, batch_size=settings.batch_size, workers=settings.workers,
-        known=_known_verdicts(root, workspace), progress=progress.advance, policy=policy,
+        known=_known_verdicts(root, workspace), events=events, policy=policy,
     )
     timings["integrity_and_embeddings"] = report.seconds
     timings["model"] = report.model_seconds
     frame = build_manifest(root, report.infos, report.fingerprints, pattern)
     if catalog is not None:
         frame = with_provenance(frame, catalog, prefer_pattern=pattern is not None)
-    frame, quality_thresholds = apply_quality(frame, settings.quality)
-    frame = without_features(frame, cache.missing(frame.filter(pl.col("status") == STATUS_OK)["sha256"].to_list()))
-    t0 = time.perf_counter()
-    ok = (frame["status"] == STATUS_OK).to_numpy()
-    ok_shas = frame.filter(pl.Series(ok))["sha256"].to_list()
-    space = None
-    if ok_shas:
-        # one neighbour graph for both later stages, over the ok rows' embeddings read a chunk at a time; the
-        # progress line says up front what the rows held for the search take
-        read = cache.reader(ok_shas)
-        layout = backbone.feature_layout
-        width = graph_width(len(ok_shas), settings.duplicates.embed_neighbours,
-                            vote_size(len(ok_shas), settings.mislabels)[1])
-        space = build_neighbourhood(lambda start, stop: embedding_matrix(read(start, stop), layout), len(ok_shas),
-                                    embedding_matrix(read(0, 1), layout).shape[1], width,
-                                    note=lambda text: progress.start(f"neighbours ({text})", len(ok_shas)),
-                                    progress=progress.advance)
-        timings["neighbours"] = time.perf_counter() - t0
-    progress.start("duplicates (exact, phash, embedding)", 3)
-    frame, pairs = find_duplicates(frame, space, settings.duplicates, progress.advance)
-    timings["duplicates"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    progress.start("mislabels (probe + neighbours)", 1)
-    # kept rows are a subset of the ok rows: the mislabel stage reads the same rows and the same graph, mapped
-    kept = (frame["keep"] & frame["label"].is_not_null()).to_numpy()
-    kept_space = space.subset(np.flatnonzero(kept[ok])) if space is not None and kept.any() else None
-    vectors = space.vectors if space is not None else None  # the report's map reads them (no copy)
-    space = None  # the ok rows' graph is not needed any more
-    frame, warnings = apply_mislabels(frame, kept_space, settings.mislabels,
-                                      cache_dir=workspace / "cache" / backbone.key)
+    later = later_stages(frame, cache, backbone.feature_layout, settings, workspace / "cache" / backbone.key,
+                         events)
+    frame = later.frame
+    timings.update(later.timings)
     unmatched = unmatched_groups(frame, pattern)
-    warnings = [*cache.warnings, *([unmatched] if unmatched else []), *warnings]
-    progress.advance(1)
+    warnings = [*cache.warnings, *([unmatched] if unmatched else []), *later.warnings]
     frame = manifest.validate(frame)
-    timings["mislabels"] = time.perf_counter() - t0
     meta = {"root": str(root), "backbone": backbone.name, "backbone_key": backbone.key,
             "weights": backbone.weights_origin, "feature_layout": backbone.feature_layout}
     path = manifest.write_atomic(frame, workspace / manifest.MANIFEST_NAME, meta)
     t0 = time.perf_counter()
-    report_path = write_report(frame, root, workspace, vectors, np.flatnonzero(ok), quality=quality_thresholds)
+    report_path = write_report(frame, root, workspace, later.vectors, later.ok_rows, quality=later.quality,
+                               mislabels=later.mislabels)
     timings["report"] = time.perf_counter() - t0
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     resolved["duplicates"] = asdict(settings.duplicates)
-    resolved["mislabels"] = asdict(settings.mislabels)
-    resolved["quality"] = {**asdict(settings.quality), "thresholds": quality_thresholds}
+    resolved["mislabels"] = {**asdict(settings.mislabels), "estimate": later.mislabels}
+    resolved["quality"] = {**asdict(settings.quality), "thresholds": later.quality}
     resolved.update(root=str(root), workspace=str(workspace), device_resolved=runtime.device,
                     dtype_resolved=runtime.dtype, dtype_reason=runtime.reason, backbone_key=backbone.key,
                     weights_origin=backbone.weights_origin)
     manifest.write_json_atomic(resolved, workspace / "settings.json")
-    return CleanResult(frame, path, report, runtime, backbone.key, timings, pairs, report_path, root, warnings)
+    return CleanResult(frame, path, report, runtime, backbone.key, timings, later.pairs, report_path, root,
+                       warnings, later.mislabels)

@@ -19,14 +19,15 @@ hash collisions between paintings that look nothing alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import polars as pl
 
 from curator.core.hashing import CROP_SCALES
 from curator.core.neighbours import Graph, Neighbourhood, pair_keys
+from curator.core.progress import Event, advance
 from curator.core.settings import DuplicateSettings  # re-exported: defined in the light module the CLI imports
 
 #: Formats ranked for keeping, least lossy first (the keeper rule's second key).
@@ -277,17 +278,18 @@ def _best_per_row(n: int, pairs: pl.DataFrame, column: str, worst: float, higher
     return best
 
 
-def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | None,
+def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | Neighbourhood | None,
                     settings: DuplicateSettings = DuplicateSettings(),
-                    progress: Callable[[int], None] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+                    events: Event | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Run the cascade over a manifest frame (fingerprint columns filled for ok rows) and the ok rows' embeddings
-    (in the frame's order of ok rows, or None to skip stage 3).
+    (in the frame's order of ok rows: a matrix, a `curator.core.neighbours.Neighbourhood` whose shared graph is
+    used, as `curator clean` passes it, or None to skip stage 3).
 
     Returns the frame with the duplicate columns and updated status/keep/reason, and every reported pair
-    (`i`, `j` as row indices of `frame`, the stage and its evidence). `progress` is called once per stage.
+    (`i`, `j` as row indices of `frame`, the stage and its evidence). Each of its three stages sends one `"advance"` through `events`.
     Cluster and group ids are the first 16 hex digits of the sha256 of the member the keeper rule ranks first.
     """
-    step = progress or (lambda n: None)
+    step = partial(advance, events)
     from curator.core.hashing import colour_vectors, from_hex
 
     ok_rows = np.flatnonzero(frame["status"].to_numpy() == "ok")

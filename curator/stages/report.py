@@ -43,6 +43,7 @@ class Section:
     table: str
     order: str = ""
     rows: list[dict] = field(default_factory=list)
+    note: str = ""  # a paragraph under the heading
 
 
 class _Thumbs:
@@ -146,15 +147,42 @@ def _partitions(frame: pl.DataFrame, column: str) -> tuple[list, list[pl.DataFra
     return list(parts.keys()), list(parts.values())
 
 
-def _mislabels(frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs) -> Section | None:
+def _mislabels(frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs, estimate: dict) -> list[Section]:
+    """The mislabel stage's two tiers as two sections: outliers (every witness against the label: removed, or kept
+    with status outlier, or relabelled) and the rows kept for review; each image with its evidence, the heading
+    with the collection's estimated noise rate."""
     if "is_mislabel_issue" not in frame.columns:
-        return None
+        return []
     flagged = frame.filter(pl.col("is_mislabel_issue").fill_null(False)).sort("mislabel_score", descending=True)
-    columns = [c for c in ("original_label", "suggested_label", "mislabel_score", "mislabel_neighbours")
-               if c in frame.columns]
-    table = _write_table(flagged.select(*_TABLE_COLUMNS, *columns), workspace, "mislabels")
-    section = Section("mislabels", "Likely mislabelled", len(flagged), table, "worst first")
-    shown = flagged.head(SHOWN)
+    tier = (pl.col("mislabel_tier") if "mislabel_tier" in frame.columns
+            else pl.when(pl.col("status") == "outlier").then(pl.lit("outlier")).otherwise(pl.lit("review")))
+    flagged = flagged.with_columns(tier.alias("_tier"))
+    note = _estimate_note(estimate)
+    return [_mislabel_section(flagged.filter(pl.col("_tier") == "outlier"), frame, workspace, thumbs, "mislabels",
+                              "Likely mislabelled: every witness disagrees with the label", note),
+            _mislabel_section(flagged.filter(pl.col("_tier") != "outlier"), frame, workspace, thumbs,
+                              "mislabels-review", "Kept for review: unusual for their label", "")]
+
+
+def _estimate_note(estimate: dict) -> str:
+    """"Estimated share of wrong labels: 0.4% (90% interval 0.2-0.7%), from 3,030 judged images"."""
+    if not estimate or not estimate.get("noise_interval"):
+        return ""
+    low, high = estimate["noise_interval"]
+    text = (f"Estimated share of wrong labels in this collection: {100 * estimate['noise_rate']:.1f}% (90% interval "
+            f"{100 * low:.1f}-{100 * high:.1f}%), from {estimate.get('judged', 0):,} judged images.")
+    if not estimate.get("reliable", True):
+        text += " Too few images to trust it: nothing was removed, the would-be outliers are kept for review."
+    return text
+
+
+def _mislabel_section(rows: pl.DataFrame, frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs, anchor: str,
+                      title: str, note: str) -> Section:
+    columns = [c for c in ("original_label", "suggested_label", "mislabel_score", "mislabel_tier",
+                           "mislabel_group_share", "mislabel_margin", "mislabel_neighbours") if c in frame.columns]
+    table = _write_table(rows.select(*_TABLE_COLUMNS, *columns), workspace, anchor.replace("-", "_"))
+    section = Section(anchor, title, len(rows), table, "worst first", note=note)
+    shown = rows.head(SHOWN)
     wanted = {p for ps in shown["mislabel_neighbours"].to_list() for p in ps or []} \
         if "mislabel_neighbours" in shown.columns else set()
     by_path = {r["path"]: r for r in frame.filter(pl.col("path").is_in(list(wanted))).iter_rows(named=True)}
@@ -274,15 +302,17 @@ def collection_map(frame: pl.DataFrame, embeddings: np.ndarray | None, rows: np.
 
 
 def write_report(frame: pl.DataFrame, root: Path, workspace: Path, embeddings: np.ndarray | None = None,
-                 embedding_rows: np.ndarray | None = None, quality: dict[str, str] | None = None) -> Path:
+                 embedding_rows: np.ndarray | None = None, quality: dict[str, str] | None = None,
+                 mislabels: dict | None = None) -> Path:
     """Write `workspace/report.html`, its thumbnails and its `report/*.parquet` tables for a cleaned manifest
     frame; returns the page's path. `embeddings` (one row per frame row in `embedding_rows`) draw the map;
-    `quality` holds the image-quality thresholds as sentences (`curator.stages.quality.apply_quality`)."""
+    `quality` holds the image-quality thresholds as sentences (`curator.stages.quality.apply_quality`);
+    `mislabels` the mislabel stage's estimate of the collection's noise rate (`MislabelResult.summary`)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     root, workspace = Path(root), Path(workspace)
     thumbs = _Thumbs(root, workspace / "thumbs")
-    sections = [_clusters(frame, workspace, thumbs), _mislabels(frame, workspace, thumbs),
+    sections = [_clusters(frame, workspace, thumbs), *_mislabels(frame, workspace, thumbs, mislabels or {}),
                 _quality(frame, workspace, thumbs, quality or {}),
                 _files(frame, workspace, "corrupt", "Corrupt files"),
                 _files(frame, workspace, "ignored", "Ignored files")]

@@ -177,6 +177,7 @@ BAD_META = {
 }
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_a_trained_run_passes_the_schema_and_loads_with_the_network_blocked(run, no_network, real_builds):
     meta = json.loads((run / checkpoint.META_NAME).read_text())
     assert checkpoint.validate_meta(meta, run / checkpoint.META_NAME) is meta
@@ -188,6 +189,7 @@ def test_a_trained_run_passes_the_schema_and_loads_with_the_network_blocked(run,
         assert torch.isfinite(loaded.classifier(pixels)).all()
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 @pytest.mark.parametrize("case", list(BAD_META))
 def test_a_tampered_model_json_is_one_line_before_any_model_is_built(case, run, tmp_path, real_builds):
     edit, fragment = BAD_META[case]
@@ -198,6 +200,7 @@ def test_a_tampered_model_json_is_one_line_before_any_model_is_built(case, run, 
     assert real_builds == [], f"a model was built for {case}: {real_builds}"
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_a_model_json_that_is_not_a_regular_file_or_is_huge_is_not_read(run, tmp_path):
     fifo_run = tampered(run, tmp_path / "fifo")
     (fifo_run / checkpoint.META_NAME).unlink()
@@ -213,6 +216,7 @@ def test_a_model_json_that_is_not_a_regular_file_or_is_huge_is_not_read(run, tmp
     one_line(str(info.value))
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_a_truncated_or_missing_weights_file_is_one_line(run, tmp_path, real_builds):
     cut = tampered(run, tmp_path / "cut")
     data = (cut / checkpoint.WEIGHTS_NAME).read_bytes()
@@ -243,6 +247,7 @@ def _poison(value: float, which: Callable[[dict], str]) -> Callable[[dict], None
     (float("inf"), _first_backbone_tensor, "net."),
     (float("-inf"), lambda s: "head.mean", "head.mean"),
 ], ids=["nan in the head", "inf in the backbone", "-inf in the feature mean"])
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_nan_or_infinite_weights_are_refused_naming_the_tensor(run, tmp_path, real_builds, value, which, named):
     bad = tampered(run, tmp_path / "run", tensors=_poison(value, which))
     with pytest.raises(UsageError) as info:
@@ -252,6 +257,7 @@ def test_nan_or_infinite_weights_are_refused_naming_the_tensor(run, tmp_path, re
     assert real_builds == []
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_a_zero_feature_scale_is_refused(run, tmp_path):
     def zero(state: dict) -> None:
         state["head.std"][7] = 0.0
@@ -266,6 +272,7 @@ def test_a_zero_feature_scale_is_refused(run, tmp_path):
     (lambda s: s.pop(_first_backbone_tensor(s)), "is missing"),
     (lambda s: s.__setitem__("net.extra.weight", torch.zeros(2)), "net.extra.weight is not part of it"),
 ], ids=["wrong shape", "missing tensor", "foreign tensor"])
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_backbone_tensors_that_do_not_fit_are_refused_before_the_model_is_allocated(run, tmp_path, real_builds,
                                                                                    edit, fragment):
     with pytest.raises(UsageError) as info:
@@ -278,6 +285,7 @@ def test_backbone_tensors_that_do_not_fit_are_refused_before_the_model_is_alloca
     "hf-hub:timm/something", "hf-hub:timm/tf_efficientnet_lite0.in1k", "local-dir:/tmp/nowhere",
     "tf_efficientnet_lite0.in1k", "timm/tf_efficientnet_lite0",
 ])
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_a_hub_backbone_in_a_checkpoint_never_touches_the_network(run, tmp_path, no_network, real_builds, name):
     bad = tampered(run, tmp_path / "run", meta=set_in("backbone.name", name))
     with pytest.raises(UsageError) as info:
@@ -286,6 +294,7 @@ def test_a_hub_backbone_in_a_checkpoint_never_touches_the_network(run, tmp_path,
     assert no_network == [] and real_builds == []
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_a_timm_architecture_name_with_the_weights_in_the_file_loads_offline(run, tmp_path, no_network):
     """The registered name and timm's own name of the same architecture give the same model, from the file alone."""
     renamed = tampered(run, tmp_path / "run", meta=set_in("backbone.name", "tf_efficientnet_lite0"))
@@ -321,6 +330,7 @@ CLI_CASES = {
 }
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_refuses_a_damaged_run_in_one_line(case, run, tmp_path, no_network, real_builds):
     command, edits, fragment = CLI_CASES[case]
@@ -338,6 +348,7 @@ def test_cli_refuses_a_damaged_run_in_one_line(case, run, tmp_path, no_network, 
     assert not (tmp_path / "p.parquet").exists()
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_a_runs_preprocessing_round_trips_into_the_loaded_model(run):
     """model.json records the backbone's Preprocess, every parameter, and loading rebuilds the same one."""
     from curator.embedding.backbones import load_backbone
@@ -353,6 +364,7 @@ def test_a_runs_preprocessing_round_trips_into_the_loaded_model(run):
     assert checkpoint.preprocessing_meta(loaded.preprocess, "horizontal flip") == meta["preprocessing"]
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_a_run_written_before_the_preprocessing_was_recorded_still_loads(run, tmp_path, real_builds):
     """`resize_side` + `crop` (and, in the oldest runs, no mean or std) map onto a bicubic Preprocess, and the model
     predicts exactly as the same run in today's format."""
@@ -377,6 +389,7 @@ def test_a_run_written_before_the_preprocessing_was_recorded_still_loads(run, tm
     assert Preprocess.from_data_config(bilinear).interpolation == "bilinear"
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_classify_dir_with_a_run_sees_the_pixels_training_and_curator_clean_saw(run, sample_ws, tmp_path):
     """`classify dir --model RUN` builds its input with the run's Preprocess: its embeddings equal `curator clean`'s
     cached ones (the probe-only run keeps lite0's weights) and its confidences equal the model's on the training
@@ -411,10 +424,11 @@ def test_classify_dir_with_a_run_sees_the_pixels_training_and_curator_clean_saw(
     assert fill_pixel_cache(pixels, file_items(frame), workers=0) == {}
     loader = torch.utils.data.DataLoader(Crops(pixels, pixels.rows(shas)), batch_size=8)
     probs, _ = predict_loader(loaded.classifier, loader, select_runtime("cpu", "fp32"), loaded.tta)
-    assert [rows[n]["label"] for n in names] == [loaded.classes[i] for i in probs.argmax(1)]
+    assert [rows[n]["predicted"] for n in names] == [loaded.classes[i] for i in probs.argmax(1)]
     np.testing.assert_allclose([rows[n]["confidence"] for n in names], probs.max(1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # trains on the cleaned sample (module fixture run, session fixture sample_ws)
 def test_loading_a_run_leaves_torchs_random_generator_alone(run):
     """Rebuilding the architecture initialises weights at random (then overwritten by the file's): that happens on
     a fork of torch's generator, so loading (in `classify eval`, `dir` and `serve`) draws nothing from the caller's."""

@@ -83,10 +83,10 @@ def test_cli_train_then_eval(sample_ws, tmp_path):
     runner = CliRunner()
     run_dir = tmp_path / "cli-run"
     res = runner.invoke(app, ["train", "--splits", str(sample_ws / "splits.parquet"), "--out", str(run_dir),
-                              "--epochs", "0", "--workers", "0", "--model", "efficientnet_lite0"])
+                              "--epochs", "0", "--workers", "0", "--backbone", "efficientnet_lite0"])
     assert res.exit_code == 0, res.output
     assert "best epoch 0" in res.output.replace("\n", " ") and "where the time went" in res.output
-    res = runner.invoke(app, ["eval", "--model", str(run_dir), "--workers", "0"])
+    res = runner.invoke(app, ["eval", "--run", str(run_dir), "--workers", "0"])
     assert res.exit_code == 0, res.output
     flat = res.output.replace("\n", "")
     assert "accuracy" in flat and "errors.html" in flat
@@ -101,7 +101,7 @@ def test_cli_errors_are_one_line(sample_ws, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--splits", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "r")])
     assert res.exit_code != 0 and "no splits file" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["eval", "--model", str(tmp_path)])
+    res = runner.invoke(app, ["eval", "--run", str(tmp_path)])
     assert res.exit_code != 0 and "not a trained model" in res.output
     res = runner.invoke(app, ["train", "--splits", str(sample_ws), "--balance", "magic"])
     assert res.exit_code == 2 and "--balance" in res.output

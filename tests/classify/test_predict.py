@@ -33,11 +33,11 @@ def test_one_row_per_file_with_the_loaders_reasons(tmp_path):
     for row in df.iter_rows(named=True):
         status, fragment = expected[row["path"]]
         if status == "ok":
-            assert row["error"] is None and row["label"] is not None, row
-            assert len(row["topk_labels"]) == 5 and row["topk_scores"][0] == pytest.approx(row["confidence"])
-            assert row["topk_scores"] == sorted(row["topk_scores"], reverse=True)
+            assert row["error"] is None and row["predicted"] is not None, row
+            assert len(row["pred_top_classes"]) == 5 and row["pred_top_scores"][0] == pytest.approx(row["confidence"])
+            assert row["pred_top_scores"] == sorted(row["pred_top_scores"], reverse=True)
         else:
-            assert fragment in row["error"] and row["label"] is None and row["topk_labels"] is None, row
+            assert fragment in row["error"] and row["predicted"] is None and row["pred_top_classes"] is None, row
     assert result.errors == sum(1 for s, _ in expected.values() if s != "ok")
     assert not (tmp_path / "p.parquet.parts").exists()
 
@@ -48,7 +48,7 @@ def test_imagenet_names_without_a_model(tmp_path):
     for name in ("coffee.jpg", "chelsea.jpg"):
         shutil.copy(REPO / "tests" / "data" / name, root / name)
     df = pl.read_parquet(classify_dir(root, tmp_path / "p.parquet", PredictSettings(workers=0)).out)
-    labels = dict(zip(df["path"], df["label"]))
+    labels = dict(zip(df["path"], df["predicted"]))
     assert labels["coffee.jpg"] == "espresso"
     assert "cat" in labels["chelsea.jpg"]
 
@@ -69,6 +69,7 @@ classify_dir(sys.argv[1], sys.argv[2], PredictSettings(workers=int(sys.argv[3]),
 """
 
 
+@pytest.mark.slow  # over 25 s (pytest --durations, 2 busy cores)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, workers):
     root = tmp_path / "paintings"
@@ -113,18 +114,19 @@ def test_existing_output_is_an_error_not_an_overwrite(tmp_path, small_tree):
         classify_dir(tmp_path / "nowhere", tmp_path / "q.parquet", PredictSettings(workers=0))
 
 
+@pytest.mark.slow  # over 25 s (pytest --durations, 2 busy cores)
 def test_model_checkpoint_class_names_and_embedding_width(sample_ws, small_tree, tmp_path):
     run = train(sample_ws / "splits.parquet", tmp_path / "run",
                 TrainSettings(model="efficientnet_lite0", epochs=0, workers=0, probe_l2=(1e-2,), probe_steps=50))
     result = classify_dir(small_tree, tmp_path / "p.parquet",
                           PredictSettings(model=str(run.run_dir), workers=0, embeddings=True, top_k=3))
     df = pl.read_parquet(result.out)
-    assert set(df["label"]) <= set(run.classes)
-    assert all(len(t) == 3 and set(t) <= set(run.classes) for t in df["topk_labels"])
+    assert set(df["predicted"]) <= set(run.classes)
+    assert all(len(t) == 3 and set(t) <= set(run.classes) for t in df["pred_top_classes"])
     assert {len(e) for e in df["embedding"]} == {2304}
     # a trained model gets most of the sample's own paintings right
     truth = [p.split("/")[0] for p in df["path"]]
-    assert sum(a == b for a, b in zip(truth, df["label"])) >= 6
+    assert sum(a == b for a, b in zip(truth, df["predicted"])) >= 6
 
 
 def test_cli_dir(small_tree, tmp_path):
@@ -143,16 +145,16 @@ def dict_rows(meta, probs, feats, positions, classes, name, k, embeddings):
     rows = []
     where = {int(pos): j for j, pos in enumerate(positions)}
     for i, ((text, escaped), err) in enumerate(meta):
-        row = {"path": text, "path_escaped": escaped, "label": None, "confidence": None, "topk_labels": None,
-               "topk_scores": None, "error": err, "model": name}
+        row = {"path": text, "path_escaped": escaped, "predicted": None, "confidence": None, "pred_top_classes": None,
+               "pred_top_scores": None, "error": err, "model": name}
         if embeddings:
             row["embedding"] = None
         if i in where:
             p = probs[where[i]]
             top = int(p.argmax())
             scores, idx = torch.from_numpy(p).topk(k)
-            row.update(label=classes[top], confidence=float(p[top]), topk_labels=[classes[c] for c in idx],
-                       topk_scores=scores.tolist())
+            row.update(predicted=classes[top], confidence=float(p[top]), pred_top_classes=[classes[c] for c in idx],
+                       pred_top_scores=scores.tolist())
             if embeddings:
                 row["embedding"] = feats[where[i]].tolist()
         rows.append(row)
@@ -164,7 +166,15 @@ def test_rows_are_arrow_arrays_equal_to_a_dict_per_row(odd_tree):
     fixed-size lists), with the schema and values the dict-per-row builder gave, errors included."""
     import pyarrow as pa
 
-    from classify.predict import Predictor, _Chunks, _DirWork, _Inputs, _launch, _RowBuilder, _schema
+    from classify.predict import (
+        Chunks,
+        DirWork,
+        Inputs,
+        Predictor,
+        RowBuilder,
+        launch,
+        output_schema,
+    )
     from curator.core.images import ReadPolicy
     from curator.core.runtime import select_runtime
     from curator.embedding.dataplane import DataPlane
@@ -172,25 +182,26 @@ def test_rows_are_arrow_arrays_equal_to_a_dict_per_row(odd_tree):
     root, _ = odd_tree
     predictor = Predictor(PredictSettings()).to(torch.device("cpu"))
     runtime = select_runtime("cpu", "fp32")
-    work = _DirWork(root, ReadPolicy(root), predictor.preprocess)
-    plane = DataPlane(_Chunks(_Inputs(root, root.parent / "p.parquet", False), frozenset(), 8), work,
+    work = DirWork(root, ReadPolicy(root), predictor.preprocess)
+    plane = DataPlane(Chunks(Inputs(root, root.parent / "p.parquet", False), frozenset(), 8), work,
                       predictor.shape)
-    builder = _RowBuilder(predictor.classes, predictor.name, 4, True, predictor.embedding_width)
+    builder = RowBuilder(predictor.classes, predictor.name, 4, True, predictor.embedding_width)
     tables, expected = [], []
     for ready in plane:
         probs, feats = predictor(ready.pixels, runtime)
         expected += dict_rows(ready.meta, probs.numpy(), feats.numpy(), ready.positions, predictor.classes,
                               predictor.name, 4, True)
-        tables.append(builder(_launch(predictor, ready, runtime, 4, True)))
+        tables.append(builder(launch(predictor, ready, runtime, 4, True)))
     table = pa.Table.from_batches(tables)
-    assert table.schema == _schema(True)
-    assert table.schema.field("label").type == pa.string()
-    assert table.schema.field("topk_labels").type == pa.list_(pa.string())
+    assert table.schema == output_schema(True)
+    assert table.schema.field("predicted").type == pa.string()
+    assert table.schema.field("pred_top_classes").type == pa.list_(pa.string())
     assert table.schema.field("embedding").type == pa.list_(pa.float32())
     assert table.num_rows == len(expected) == 20 and table.column("error").null_count == 11
-    assert table.equals(pa.Table.from_pylist(expected, schema=_schema(True)))
+    assert table.equals(pa.Table.from_pylist(expected, schema=output_schema(True)))
 
 
+@pytest.mark.slow  # over 25 s (pytest --durations, 2 busy cores)
 def test_gpu_decode_path_on_the_cpu_gives_the_same_rows(odd_tree, tmp_path):
     """`gpu_decode=True` on a CPU runs the device JPEG path with decode_batch(device="cpu"): the same rows, errors
     included, the same top-1 labels and near-equal confidences."""
@@ -200,7 +211,7 @@ def test_gpu_decode_path_on_the_cpu_gives_the_same_rows(odd_tree, tmp_path):
     assert cpu.device_jpegs == 0 and dev.device_jpegs >= 4  # the plain and the rotated JPEGs
     a, b = pl.read_parquet(cpu.out), pl.read_parquet(dev.out)
     assert a.select("path", "path_escaped", "error", "model").equals(b.select("path", "path_escaped", "error", "model"))
-    assert a["label"].to_list() == b["label"].to_list() and a["label"].null_count() == 9
+    assert a["predicted"].to_list() == b["predicted"].to_list() and a["predicted"].null_count() == 9
     assert (a["confidence"] - b["confidence"]).abs().max() < 0.05
 
 
@@ -355,7 +366,7 @@ def test_links_leaving_the_folder_are_not_read_and_leak_nothing(hostile_run, hos
     for name, target in (("link.jpg", "secret.jpg"), ("link.png", "secret.png"), ("elsewhere", "")):
         assert f"symbolic link to {outside / target}".rstrip("/") in errors[name], errors[name]
         assert "outside the scanned folder: not followed" in errors[name]
-    assert errors["inside.jpg"] is None and df.filter(pl.col("path") == "inside.jpg")["label"][0] is not None
+    assert errors["inside.jpg"] is None and df.filter(pl.col("path") == "inside.jpg")["predicted"][0] is not None
     written = [p for p in out.parent.rglob("*") if p.is_file()]
     assert written == [out]  # the parts folder is gone
     assert MARKER_TEXT not in out.read_bytes() and MARKER_TEXT not in output
@@ -413,6 +424,7 @@ def test_cleanup_removes_only_atelier_files_from_the_parts_folder(small_tree, tm
     assert sorted(os.listdir(parts)) == ["mine.txt"] and (parts / "mine.txt").read_text() == "dropped here by the user"
 
 
+@pytest.mark.slow  # over 25 s (pytest --durations, 2 busy cores)
 def test_out_inside_the_folder_excludes_exactly_its_own_files(small_tree, tmp_path):
     (small_tree / "notes.txt").write_text("a user's file")
     inputs = sorted(p.relative_to(small_tree).as_posix() for p in scan(small_tree))
@@ -426,7 +438,7 @@ def test_out_inside_the_folder_excludes_exactly_its_own_files(small_tree, tmp_pa
     nested = small_tree / "Baroque" / "more.parquet"
     df = pl.read_parquet(classify_dir(small_tree, nested, PredictSettings(workers=0)).out)
     assert sorted(df["path"]) == sorted(inputs + ["preds.parquet", ".preds.parquet.k2j4h5g6.tmp"])
-    assert df.filter(pl.col("path").str.starts_with("Baroque/"))["label"].null_count() == 0
+    assert df.filter(pl.col("path").str.starts_with("Baroque/"))["predicted"].null_count() == 0
 
 
 def test_resume_refuses_the_parts_of_another_run(small_tree, tmp_path):
@@ -511,3 +523,45 @@ def test_a_full_disk_while_flushing_is_one_line_and_resumable(small_tree, tmp_pa
     res = CliRunner().invoke(app, ["dir", str(small_tree), "--out", str(out), "--workers", "0", "--resume"])
     assert res.exit_code == 0, res.output
     assert pl.read_parquet(out).height == 8
+
+
+def test_files_and_parts_of_the_previous_release_are_read_in_this_releases_names(small_tree, tmp_path):
+    """One vocabulary: `predicted`/`pred_*` for the prediction, `label` only for a given label. A predictions file
+    of the previous release (`label`, `topk_labels`, `topk_scores`) reads in the new names, an interrupted run of
+    the previous release finishes under them, and an eval file's `label` (the true class) is left alone."""
+    from dataclasses import replace
+
+    from classify.predict import (
+        claim_parts,
+        fingerprint,
+        parts_folder,
+        read_predictions,
+        write_part,
+    )
+
+    settings = PredictSettings(workers=0, batch_size=4, flush_every=4, top_k=3)
+    whole = read_predictions(classify_dir(small_tree, tmp_path / "whole.parquet", settings).out)
+    assert whole.columns[:6] == ["path", "path_escaped", "predicted", "confidence", "pred_top_classes",
+                                 "pred_top_scores"] and whole["predicted"].null_count() == 0
+    old = whole.rename({"predicted": "label", "pred_top_classes": "topk_labels", "pred_top_scores": "topk_scores"})
+    old.write_parquet(tmp_path / "old.parquet")
+    assert read_predictions(tmp_path / "old.parquet").equals(whole)
+
+    out = tmp_path / "resumed.parquet"
+    claim_parts(parts_folder(out), fingerprint(small_tree, settings))
+    write_part(old.head(4).to_arrow(), parts_folder(out) / "part-000000.parquet")
+    resumed = classify_dir(small_tree, out, replace(settings, resume=True))
+    assert resumed.resumed_rows == 4 and resumed.files == whole.height
+    assert read_predictions(out).equals(whole) and pl.read_parquet(out).columns == whole.columns
+
+    evaluated = pl.DataFrame({"label": ["Baroque"], "predicted": ["Rococo"], "pred_top_classes": [["Rococo"]]})
+    evaluated.write_parquet(tmp_path / "eval.parquet")
+    assert read_predictions(tmp_path / "eval.parquet").equals(evaluated)
+
+
+@pytest.mark.parametrize("bad", [{"top_k": 0}, {"batch_size": 0}, {"workers": -1}, {"max_bytes": 0},
+                                 {"batch_size": 4, "flush_every": 6}])
+def test_a_bad_setting_is_a_usage_error(bad):
+    """Settings errors are one type (`UsageError`, exit 2) whether they come from the CLI or the library."""
+    with pytest.raises(UsageError):
+        PredictSettings(**bad)

@@ -103,7 +103,7 @@ def messy_sample(base: Path, every: int = 1) -> Path:
     return root
 
 
-EXACT = ["path", "path_escaped", "label", "topk_labels", "error", "model"]
+EXACT = ["path", "path_escaped", "predicted", "pred_top_classes", "error", "model"]
 
 
 def assert_same_rows(ray_rows: pl.DataFrame, local_rows: pl.DataFrame) -> None:
@@ -112,7 +112,7 @@ def assert_same_rows(ray_rows: pl.DataFrame, local_rows: pl.DataFrame) -> None:
     a, b = ray_rows.sort("path"), local_rows.sort("path")
     assert a.columns == b.columns
     assert a.select(EXACT).equals(b.select(EXACT))
-    for column in ("confidence", "topk_scores", *(["embedding"] if "embedding" in a.columns else [])):
+    for column in ("confidence", "pred_top_scores", *(["embedding"] if "embedding" in a.columns else [])):
         x = np.array(a[column].drop_nulls().to_list(), dtype=np.float32)
         y = np.array(b[column].drop_nulls().to_list(), dtype=np.float32)
         assert x.shape == y.shape
@@ -168,7 +168,7 @@ def test_a_trained_model_gives_the_local_engines_rows(local_ray, sample_ws, smal
     result = classify_dir_ray(small_tree, tmp_path / "ray.parquet", PredictSettings(**settings),
                               RaySettings(concurrency=1))
     rows = pl.read_parquet(result.out)
-    assert set(rows["label"]) <= set(run.classes) and rows["model"][0].startswith("run (efficientnet_lite0")
+    assert set(rows["predicted"]) <= set(run.classes) and rows["model"][0].startswith("run (efficientnet_lite0")
     assert_same_rows(rows, pl.read_parquet(local.out))
 
 

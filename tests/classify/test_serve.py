@@ -20,15 +20,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
-import polars as pl
 import pytest
+import torch
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
 from classify.checkpoint import read_meta
 from classify.cli import app as cli_app
 from classify.data import read_split_table
-from classify.predict import PredictSettings, classify_dir
+from classify.predict import PredictSettings, classify_dir, read_predictions
 from classify.train import TrainSettings, train
 from tests.conftest import REPO, png_header_only, sample_paintings, write_odd_tree
 
@@ -111,7 +111,7 @@ def test_served_predictions_equal_classify_dir_for_every_file(client, run_dir, t
     root = tmp_path / "odd"
     expected = write_odd_tree(root)
     out = classify_dir(root, tmp_path / "p.parquet", PredictSettings(model=str(run_dir), workers=0)).out
-    rows = {row["path"]: row for row in pl.read_parquet(out).iter_rows(named=True)}
+    rows = {row["path"]: row for row in read_predictions(out).iter_rows(named=True)}
     assert set(rows) == set(expected)
     for rel, (status, _) in expected.items():
         response = client.post("/predict", files={"file": (Path(rel).name, (root / rel).read_bytes())})
@@ -119,10 +119,10 @@ def test_served_predictions_equal_classify_dir_for_every_file(client, run_dir, t
         assert entry["filename"] == Path(rel).name
         if status == "ok":
             assert response.status_code == 200, response.text
-            assert entry["label"] == row["label"], rel
+            assert entry["label"] == row["predicted"], rel  # the API's `label` is the predicted class
             assert entry["confidence"] == pytest.approx(row["confidence"], abs=1e-5)
-            assert [t["label"] for t in entry["topk"]] == row["topk_labels"]
-            assert [t["score"] for t in entry["topk"]] == pytest.approx(row["topk_scores"], abs=1e-5)
+            assert [t["label"] for t in entry["topk"]] == row["pred_top_classes"]
+            assert [t["score"] for t in entry["topk"]] == pytest.approx(row["pred_top_scores"], abs=1e-5)
         else:
             assert response.status_code in (415, 422) and entry["error"] == row["error"], rel
 
@@ -303,6 +303,94 @@ def test_other_errors_are_json_too(client):
     assert_json_error(client.get("/train-image/..%2F..%2Fetc%2Fpasswd"), 404, "Not Found")  # ids only, never paths
 
 
+# --- batch norms folded for speed (classify/serve/folding.py) ----------------------------------------------------
+
+def test_the_served_network_has_its_batch_norms_folded_within_float_rounding(engine, run_dir):
+    """Every batch norm of the served Lite0 is folded into its convolution (the card says so), and on real paintings
+    the folded network ranks exactly as the network `classify dir` loads, probabilities within 1e-5."""
+    import numpy as np
+
+    from classify.predict import Predictor
+
+    served = engine.predictor.backbone.model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules())
+    assert re.fullmatch(r"49 batch norms folded into their convolutions \(outputs moved by .+\)",
+                        engine.card()["runtime"]["folding"])
+    loaded = Predictor(PredictSettings(model=str(run_dir))).to(torch.device("cpu"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.backbone.model.modules())
+    pixels = torch.from_numpy(np.stack([engine.decode(*painting_bytes(i), 0).pixels for i in range(6)]))
+    folded, _ = engine.predictor(pixels, engine.runtime, features=False)
+    plain, _ = loaded(pixels, engine.runtime, features=False)
+    assert torch.equal(folded.argsort(1), plain.argsort(1))
+    assert float((folded - plain).abs().max()) <= 1e-5
+
+
+def conv_bn() -> torch.nn.Sequential:
+    """conv -> timm's BatchNormAct2d (ReLU) with running statistics far from the identity, in eval mode."""
+    from timm.layers import BatchNormAct2d
+
+    generator = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    bn = BatchNormAct2d(8)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+        bn.running_mean.copy_(torch.randn(8, generator=generator))
+        bn.running_var.copy_(torch.rand(8, generator=generator) + 0.5)
+        bn.weight.copy_(torch.randn(8, generator=generator))
+        bn.bias.copy_(torch.randn(8, generator=generator))
+    return torch.nn.Sequential(conv, bn).eval()
+
+
+def test_folding_keeps_the_activation_and_undo_restores_the_original_modules():
+    from classify.serve.folding import fold_batch_norm
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    model = conv_bn()
+    conv, bn = model[0], model[1]
+    with torch.inference_mode():
+        before = model(x)
+        folded = fold_batch_norm(model)
+        after = model(x)
+    assert folded.pairs == 1 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert float(before.min()) == 0.0 and float((after - before).abs().max()) <= 1e-5  # the ReLU is still there
+    assert conv.bias is None and model[0].bias is not None  # the original conv was copied, not changed
+    folded.undo()
+    assert model[0] is conv and model[1] is bn
+    with torch.inference_mode():
+        assert torch.equal(model(x), before)
+    model[1].train()  # a batch norm in training mode normalises by the batch: not an affine map, never folded
+    assert fold_batch_norm(model).pairs == 0 and model[1] is bn
+
+
+def test_a_fold_that_changes_the_outputs_is_undone():
+    """Registration order is not data flow: here the batch norm registered after the conv runs on the input before
+    it. The probe run catches the difference and every original module is put back."""
+    from classify.serve.folding import fold_checked
+
+    class NormFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1).eval()
+            self.bn = torch.nn.BatchNorm2d(3).eval()
+            with torch.no_grad():
+                self.bn.running_mean.fill_(2.0)
+                self.bn.running_var.fill_(4.0)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    model = NormFirst()
+    conv, bn = model.conv, model.bn
+    with torch.inference_mode():
+        before = model(x)
+    kept, done = fold_checked(model, lambda: model(x))
+    assert kept == 0 and done.startswith("folding undone: outputs moved by")
+    assert model.conv is conv and model.bn is bn
+    with torch.inference_mode():
+        assert torch.equal(model(x), before)
+
+
 def test_the_page_and_its_assets_are_served_locally(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -378,7 +466,7 @@ def test_without_a_model_the_imagenet_classes_are_served_and_similar_says_why():
         assert body["predictions"][0]["label"] == "espresso"
         card = c.get("/model").json()
         assert len(card["classes"]) == 1000 and card["trained"] is False and card["val"] is None
-        assert_json_error(c.post("/similar", files={"file": ("coffee.jpg", coffee)}), 404, "without --model")
+        assert_json_error(c.post("/similar", files={"file": ("coffee.jpg", coffee)}), 404, "without --run")
 
 
 def fine_tuned_copy(run_dir: Path, out: Path) -> Path:

@@ -30,6 +30,7 @@ def run(sample_ws, tmp_path_factory):
     return result, events
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_train_writes_a_checkpoint_with_class_names_and_history(run, sample_ws):
     result, events = run
     meta = json.loads((result.run_dir / "model.json").read_text())
@@ -58,12 +59,14 @@ def test_train_writes_a_checkpoint_with_class_names_and_history(run, sample_ws):
     assert all(sha in cache for sha in table.frame.filter(pl.col("split") != "test")["sha256"].to_list())
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_probe_beats_chance_on_real_paintings(run):
     result, _ = run
     # 5 styles, artists unseen in val: chance is 0.2; the probe on lite0 features is far above it
     assert result.history[0]["val_accuracy"] > 0.5
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_checkpoint_round_trip_predicts_the_same(run, sample_ws):
     import torch
 
@@ -80,6 +83,7 @@ def test_checkpoint_round_trip_predicts_the_same(run, sample_ws):
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_same_seed_same_weights(run, sample_ws, tmp_path):
     result, _ = run
     again = train(sample_ws / "splits.parquet", tmp_path / "again", TrainSettings(**FAST, gram=True))
@@ -94,6 +98,7 @@ def test_same_seed_same_weights(run, sample_ws, tmp_path):
     assert other.history[1]["train_loss"] != result.history[1]["train_loss"]
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_damaged_or_foreign_checkpoint_is_a_clear_error(run, tmp_path):
     result, _ = run
     bad = tmp_path / "bad"
@@ -111,6 +116,7 @@ def test_damaged_or_foreign_checkpoint_is_a_clear_error(run, tmp_path):
         checkpoint.load(tmp_path)
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_no_gram_by_default_and_a_checkpoint_whose_layout_does_not_fit(run, sample_ws, tmp_path):
     plain = train(sample_ws / "splits.parquet", tmp_path / "plain", TrainSettings(**{**FAST, "epochs": 0}))
     meta = json.loads((plain.run_dir / "model.json").read_text())
@@ -136,6 +142,7 @@ def _rewrite_splits(src, dst, expr):
     shutil.copy(src.parent / "manifest.parquet", dst.parent / "manifest.parquet")
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_splits_without_val_or_with_a_class_missing_from_train_are_refused(sample_ws, tmp_path):
     src = sample_ws / "splits.parquet"
     no_val = tmp_path / "a" / "splits.parquet"
@@ -152,6 +159,7 @@ def test_splits_without_val_or_with_a_class_missing_from_train_are_refused(sampl
         train(tmp_path / "nowhere.parquet", tmp_path / "r3", TrainSettings(**FAST))
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_a_missing_image_is_skipped_and_counted(sample_ws, tmp_path):
     table = read_split_table(sample_ws / "splits.parquet")
     victim = table.rows("train")["path"][0]
@@ -165,6 +173,7 @@ def test_a_missing_image_is_skipped_and_counted(sample_ws, tmp_path):
     assert "1 images skipped" in result.warnings[0]
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_one_vs_rest_artist_picks_a_threshold(sample_ws_mixed, tmp_path):
     table = read_split_table(sample_ws_mixed / "splits.parquet")
     in_val = set(table.rows("val")["group"].drop_nulls().to_list())
@@ -177,6 +186,7 @@ def test_one_vs_rest_artist_picks_a_threshold(sample_ws_mixed, tmp_path):
     assert {"positive_precision", "positive_recall", "positive_f1"} <= set(result.val)
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_one_vs_rest_on_artist_grouped_splits_explains_why_not(sample_ws, tmp_path):
     table = read_split_table(sample_ws / "splits.parquet")
     artist = table.rows("train")["group"][0]
@@ -212,6 +222,7 @@ def test_bad_settings_are_usage_errors():
         TrainSettings(epochs=-1)
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_domain_adaptation_reports_target_accuracy_with_and_without(sample_ws, tmp_path):
     from PIL import Image
 
@@ -255,6 +266,7 @@ def test_nan_and_out_of_range_settings_are_refused(bad):
     assert len(str(err.value).splitlines()) == 1
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_a_run_folder_of_someone_elses_files_is_refused_and_untouched(sample_ws, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -265,6 +277,7 @@ def test_a_run_folder_of_someone_elses_files_is_refused_and_untouched(sample_ws,
     assert (mine / "model.json").read_text() == '{"my": "own notes"}'
 
 
+@pytest.mark.slow  # trains on the cleaned sample (session fixture sample_ws)
 def test_training_pixels_give_the_embeddings_curator_clean_cached(run, sample_ws):
     """One preprocessing path: the pixel cache's centre crops (what the probe, val and `classify eval` read) give the
     same features, to float16 precision, as `curator clean` cached for the same files."""

@@ -52,6 +52,7 @@ def _meta(result) -> dict:
     return json.loads((result.run_dir / "model.json").read_text())
 
 
+@pytest.mark.slow  # reads the cleaned sample (session fixture sample_ws)
 def test_probe_only_reads_the_embedding_store_and_writes_no_pixel_cache(sample_ws, tmp_path):
     table = _workspace(sample_ws, tmp_path)
     result = train(table.splits_path, tmp_path / "run", TrainSettings(**PROBE), table=table)
@@ -100,6 +101,7 @@ def test_a_cleared_store_is_refilled_through_the_data_plane_and_gives_the_same_p
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+@pytest.mark.slow  # reads the cleaned sample (session fixture sample_ws)
 def test_a_missing_file_is_skipped_by_the_probe_without_reading_the_others(sample_ws, tmp_path):
     table = _workspace(sample_ws, tmp_path)
     victim = table.rows("val")["path"][0]
@@ -169,6 +171,7 @@ def test_a_crop_is_timms_training_transform_seeded_by_its_own_seed_and_leaves_th
     assert np.array_equal(pickle.loads(pickle.dumps(augment))(square, 7), a)  # as a worker process gets it
 
 
+@pytest.mark.slow  # reads the cleaned sample (session fixture sample_ws)
 def test_read_features_copies_the_store_rows_in_chunks(sample_ws):
     emb = cache_for(sample_ws, load_backbone("efficientnet_lite0"))
     shas = read_split_table(sample_ws / "splits.parquet").rows("val")["sha256"].to_list()[::-1]

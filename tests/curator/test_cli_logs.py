@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
+
+import pytest
 
 CURATOR = [sys.executable, "-c", "from curator.cli import main; main()"]
 
 
+@pytest.mark.slow  # runs `curator clean` in a subprocess (25 s on 2 busy cores)
 def test_a_pipe_gets_plain_progress_lines_and_uncut_tables(small_tree, tmp_path):
     long_class = small_tree / "Abstract_Expressionism_and_Other_Long_Names"
     next(p for p in small_tree.iterdir() if p.is_dir()).rename(long_class)
@@ -28,3 +30,24 @@ def test_version_and_pipeline_order_in_help():
     shown = subprocess.run([*CURATOR, "--help"], capture_output=True, text=True, timeout=60, check=False).stdout
     assert shown.index("ingest ") < shown.index("clean ") < shown.index("split ")
     assert "curator clean raw --out curated" in shown
+
+
+def test_plain_progress_says_counts_rates_and_the_end_never_an_unknown_total():
+    """`PlainProgress` (cli_support, shared by both CLIs): a line per stage when `every` seconds have passed and one
+    when it ends; a stage of unknown length counts without a total; a new stage ends the previous one."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from curator.cli_support import PlainProgress
+
+    out = StringIO()
+    with PlainProgress(Console(file=out, width=200), every=0.0) as bar:
+        listed = bar.add_task("listing", total=None)
+        bar.advance(listed, 3)
+        decode = bar.add_task("decode", total=10)
+        bar.update(decode, advance=4, description="decode (workers 2)")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("listing: 3, ") and lines[1].startswith("listing: 3, ") and lines[1].endswith("(done)")
+    assert lines[2].startswith("decode (workers 2): 4/10, ") and lines[-1].endswith("(done)"), lines
+    assert len(lines) == 4 and "?" not in out.getvalue()

@@ -15,6 +15,8 @@ from curator.core.neighbours import (
     memory_note,
     normalise,
     pair_recall,
+    refine,
+    reverse_neighbours,
     synthetic_embeddings,
 )
 from curator.embedding.embed import EmbeddingCache, embedding_matrix
@@ -33,7 +35,7 @@ def test_exact_graph_is_each_rows_nearest_other_rows():
     x = rng.normal(size=(300, 32)) * rng.uniform(0.5, 3.0, size=(300, 1))  # not unit: knn normalises
     graph = knn(x, 10)
     ids, sims = brute_force(x, 10)
-    assert graph.exact and graph.ids.dtype == np.int64 and graph.sims.dtype == np.float32
+    assert graph.exact and graph.ids.dtype == np.int32 and graph.sims.dtype == np.float32
     assert (graph.ids != np.arange(300)[:, None]).all()
     assert np.array_equal(graph.ids, ids)
     assert np.allclose(graph.sims, sims, atol=1e-5)
@@ -96,7 +98,7 @@ def test_unit_rows_hold_float16_once_and_outlive_their_holder():
     rows = store.rows
     assert rows.dtype == np.float16 and rows.shape == (500, 64) and store.nbytes == 500 * 64 * 2
     assert np.allclose(rows.astype(np.float32), normalise(x), atol=1e-3)
-    sims, ids = store.index.search(normalise(x[:5]), 1)  # faiss reads the very same memory
+    _, ids = store.index.search(normalise(x[:5]), 1)  # faiss reads the very same memory
     assert ids.ravel().tolist() == [0, 1, 2, 3, 4]
     del store
     assert np.allclose(rows.astype(np.float32), normalise(x), atol=1e-3)  # the view keeps the index alive
@@ -110,6 +112,26 @@ def test_subset_maps_the_graph_to_the_rows_kept():
     assert sub.ids.tolist() == [[1, 2, -1], [2, 0, -1], [1, 0, -1]]
     assert sub.sims[0, :2].tolist() == pytest.approx([0.8, 0.7]) and np.isneginf(sub.sims[:, 2]).all()
     assert graph.first(1).ids.tolist() == [[1], [0], [3], [2]]
+
+
+def test_subset_of_many_rows_is_the_whole_graph_mapping_with_int32_ids():
+    # more rows than one chunk of `Graph.subset`, so the chunked mapping must agree with a mapping done all at once
+    from curator.core.neighbours import CHUNK, ID_TYPE
+
+    rng = np.random.default_rng(3)
+    n, k = CHUNK * 2 + 500, 6
+    graph = knn(rng.standard_normal((n, 8)).astype(np.float32), k)
+    assert graph.ids.dtype == ID_TYPE == np.int32
+    rows = np.sort(rng.choice(n, size=n * 3 // 4, replace=False))
+    sub = graph.subset(rows)
+    position = np.full(n, -1)
+    position[rows] = np.arange(len(rows))
+    for row in rng.choice(len(rows), size=300, replace=False):
+        kept = [position[j] for j in graph.ids[rows[row]] if position[j] >= 0]
+        assert sub.ids[row].tolist() == kept + [-1] * (k - len(kept))
+        assert np.isneginf(sub.sims[row, len(kept):]).all()
+        assert np.array_equal(sub.sims[row, :len(kept)], graph.sims[rows[row]][position[graph.ids[rows[row]]] >= 0])
+    assert sub.ids.dtype == np.int32 and sub.sims.dtype == np.float32 and sub.ids.shape == (len(rows), k)
 
 
 def test_pair_keys_and_graph_width():
@@ -139,14 +161,82 @@ def test_embeddings_are_read_in_chunks_and_their_size_said_up_front(tmp_path):
         return embedding_matrix(read(start, stop), layout)
 
     notes: list[str] = []
-    small = build(embed, len(wanted), 40, 8, note=notes.append)
-    assert notes == ["embeddings for search: 653 x 40 float32 = 0.1 MB"]
+
+    def events(kind: str, info: dict) -> None:
+        if kind == "stage":
+            notes.append(info["name"])
+
+    small = build(embed, len(wanted), 40, 8, events=events)
+    assert notes == ["neighbours (embeddings for search: 653 x 40 float32 = 0.1 MB)"]
     assert small.vectors.dtype == np.float32 and small.graph.exact
     assert np.array_equal(small.dense(), embedding_matrix(cache.get(wanted), layout))
-    large = build(embed, len(wanted), 40, 8, exact_limit=100, note=notes.append)
-    assert notes[-1] == memory_note(653, 40, np.float16) == "embeddings for search: 653 x 40 float16 = 0.1 MB"
+    large = build(embed, len(wanted), 40, 8, exact_limit=100, events=events)
+    assert notes[-1] == f"neighbours ({memory_note(653, 40, np.float16)})"
+    assert memory_note(653, 40, np.float16) == "embeddings for search: 653 x 40 float16 = 0.1 MB"
     assert isinstance(large, Neighbourhood) and large.vectors.dtype == np.float16 and not large.graph.exact
     assert large.unit() is large.vectors  # no float32 copy of the rows above the limit
     assert memory_note(1_000_000, 2304, np.float16) == "embeddings for search: 1,000,000 x 2,304 float16 = 4.6 GB"
     part = large.subset(np.arange(0, 653, 2))
     assert len(part) == 327 and np.array_equal(part.take(np.array([1])), large.take(np.array([2])))
+
+
+def degraded(x: np.ndarray, k: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact graph with `share` of its entries swapped for random other rows (exact cosines, nearest first), as
+    a cheap first search would leave it."""
+    rng = np.random.default_rng(seed)
+    unit = normalise(x)
+    ids, _ = brute_force(x, k)
+    n = len(x)
+    for row in range(n):
+        for col in np.flatnonzero(rng.random(k) < share):
+            other = int(rng.integers(0, n))
+            if other != row and other not in ids[row]:
+                ids[row, col] = other
+    sims = np.einsum("nd,nkd->nk", unit, unit[ids])
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1).astype(np.float32)
+
+
+def test_refinement_only_raises_recall_and_keeps_exact_cosines():
+    x = synthetic_embeddings(400, dim=48, seed=5, per_artist=10)["vectors"].astype(np.float16)
+    ids, sims = degraded(x.astype(np.float32), 8, 0.2, seed=0)
+    exact_ids, exact_sims = brute_force(x.astype(np.float32), 8)
+    unit = normalise(x)
+    recalls = [pair_recall(Graph(ids, sims, False, ""), exact_ids)]
+    for _ in range(3):
+        before = ids.copy()
+        assert refine(ids, sims, x, fanout=8, entrants=8) >= 0
+        recalls.append(pair_recall(Graph(ids, sims, False, ""), exact_ids))
+        # a row only ever trades a neighbour for a nearer one: its k-th cosine never falls
+        assert (sims[:, -1] >= np.einsum("nd,nd->n", unit, unit[before[:, -1]]) - 1e-3).all()
+    assert recalls[0] < 0.85 and recalls[1] >= 0.95 and recalls[-1] >= 0.98
+    assert (np.diff(recalls) >= 0).all()
+    # the cosines are exact (of the float16 rows), nearest first, with no row twice or itself
+    half = normalise(x)
+    assert np.allclose(sims, np.einsum("nd,nkd->nk", half, half[ids]), atol=1e-5)
+    assert (np.diff(sims, axis=1) <= 0).all() and (ids != np.arange(400)[:, None]).all()
+    assert all(len(set(row)) == 8 for row in ids.tolist())
+    hit = ids == exact_ids
+    assert np.allclose(sims[hit], exact_sims[hit], atol=2e-3)
+
+
+def test_reverse_neighbours_are_the_rows_that_hold_a_row_nearest_first():
+    heads = np.array([[1, 2], [2, 0], [1, -1], [1, 0]])
+    assert reverse_neighbours(heads, 2).tolist() == [[1, 3], [0, 2], [1, 0], [-1, -1]]
+    assert reverse_neighbours(heads, 1).tolist() == [[1], [0], [1], [-1]]
+
+
+def test_refinement_leaves_an_exact_graph_as_it_is_and_is_deterministic():
+    x = synthetic_embeddings(300, dim=32, seed=6, per_artist=10)["vectors"]
+    exact = knn(x, 6)
+    ids, sims = exact.ids.copy(), exact.sims.copy()
+    assert refine(ids, sims, x, x[:, :8]) == 0
+    assert np.array_equal(ids, exact.ids) and np.array_equal(sims, exact.sims)
+    first = degraded(x, 6, 0.6, seed=1)
+    runs = []
+    for chunk, order in ((4096, None), (7, np.random.default_rng(0).permutation(300))):
+        ids, sims = first[0].copy(), first[1].copy()
+        changed = refine(ids, sims, x, x[:, :8], chunk=chunk, order=order)
+        runs.append((changed, ids, sims))
+    assert runs[0][0] > 0 and runs[0][0] == runs[1][0]
+    assert np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][2], runs[1][2])

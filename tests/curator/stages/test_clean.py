@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -13,7 +14,8 @@ from curator.core import manifest
 from curator.core.images import scan
 from curator.core.paths import to_text
 from curator.embedding.backbones import load_backbone
-from curator.stages.clean import CleanSettings, clean
+from curator.embedding.embed import open_cache
+from curator.stages.clean import CleanSettings, clean, later_stages
 from tests.conftest import MARKER, files_containing, sample_paintings, tree_checksums
 
 runner = CliRunner()
@@ -293,3 +295,20 @@ def test_outputs_are_written_with_the_users_umask(small_tree, tmp_path):
         os.umask(old)
     for name in ("manifest.parquet", "settings.json", "report.html"):
         assert (tmp_path / "ws" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_later_stages_on_the_embedding_store_give_the_manifest_clean_wrote(small_tree, tmp_path):
+    ws = tmp_path / "ws"
+    result = clean(CleanSettings(root=small_tree, workspace=ws, workers=1))
+    written = manifest.read(ws)
+    stage1 = written.select(*manifest.schema(), "path_escaped", *manifest.STATS_COLUMNS)
+    meta = manifest.read_metadata(ws / manifest.MANIFEST_NAME)
+    cache = open_cache(ws, meta["backbone_key"], meta["feature_layout"])
+    later = later_stages(stage1, cache, meta["feature_layout"], CleanSettings(root=small_tree, workspace=ws),
+                         tmp_path / "scores")
+    assert manifest.validate(later.frame).equals(written)
+    assert later.pairs.equals(result.pairs)
+    assert set(later.timings) == {"quality", "neighbours", "duplicates", "mislabels"}
+    ok = (written["status"] == "ok").to_numpy()
+    assert later.ok_rows.tolist() == np.flatnonzero(ok).tolist() and later.vectors.shape[0] == ok.sum()
+    assert later.quality == json.loads((ws / "settings.json").read_text())["quality"]["thresholds"]

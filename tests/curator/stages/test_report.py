@@ -82,3 +82,32 @@ def test_small_runs_show_everything_and_still_link_the_table(tmp_path):
     page = report.write_report(frame, root, ws).read_text(encoding="utf-8")
     assert page.count("copies</div>") == 2 and "The first" not in page
     assert 'href="report/clusters.parquet"' in page and "Corrupt files (0)" in page
+
+
+def test_the_two_mislabel_tiers_are_two_sections_with_their_evidence_and_the_estimate(tmp_path):
+    root, ws = tmp_path / "raw", tmp_path / "ws"
+    root.mkdir()
+    frame = _frame(root, clusters=2, mislabelled=3, corrupt=0)
+    # the last flagged row is merely unusual: kept, status ok, in the review tier with its group's backing
+    tiers = ["outlier", "outlier", "review"]
+    review = frame["path"] == "Rococo/m0002.png"
+    frame = frame.with_columns(
+        pl.Series("mislabel_tier", [tiers.pop(0) if f else None for f in frame["is_mislabel_issue"].fill_null(False)],
+                  dtype=pl.String),
+        pl.when(review).then(pl.lit("ok")).otherwise(pl.col("status")).alias("status"),
+        (pl.col("keep") | review).alias("keep"),
+        pl.when(review).then(pl.lit("kept for review: 12 of its artist's 13 other works are filed as Rococo"))
+        .otherwise(pl.col("reason")).alias("reason"))
+    estimate = {"noise_rate": 0.0042, "noise_interval": [0.002, 0.0071], "judged": 3030, "reliable": True}
+    page = report.write_report(frame, root, ws, mislabels=estimate).read_text(encoding="utf-8")
+    assert "Likely mislabelled: every witness disagrees with the label (2)" in page
+    assert "Kept for review: unusual for their label (1)" in page
+    assert "0.4% (90% interval 0.2-0.7%), from 3,030 judged images" in page
+    assert "12 of its artist&#39;s 13 other works are filed as Rococo" in page
+    assert pl.read_parquet(ws / "report" / "mislabels.parquet")["path"].to_list() == ["Rococo/m0000.png",
+                                                                                      "Rococo/m0001.png"]
+    review_table = pl.read_parquet(ws / "report" / "mislabels_review.parquet")
+    assert review_table["path"].to_list() == ["Rococo/m0002.png"] and review_table["mislabel_tier"][0] == "review"
+    assert page.count('class="item flagged dropped"') == 2 and page.count('class="item flagged"') == 1
+    unsure = report.write_report(frame, root, ws, mislabels={**estimate, "reliable": False}).read_text("utf-8")
+    assert "Too few images to trust it: nothing was removed" in unsure

@@ -11,10 +11,29 @@ from typer.testing import CliRunner
 from curator.cli import app
 from curator.core import manifest
 from curator.core.errors import ManifestError, UsageError
+from curator.core.neighbours import (
+    Neighbourhood,
+    UnitRows,
+    knn,
+    normalise,
+    synthetic_embeddings,
+)
+from curator.stages import splits as splits_module
 from curator.stages.clean import CleanSettings, clean
 from curator.stages.duplicates import DuplicateSettings
 from curator.stages.planting import KINDS, plant_tree
-from curator.stages.splits import SplitSettings, assign_parts, balance_weights, make_splits
+from curator.stages.splits import (
+    LEAK_K,
+    SPLITS,
+    LeakError,
+    SplitSettings,
+    assign_parts,
+    balance_weights,
+    certify,
+    cross_split_pairs,
+    leak_candidates,
+    make_splits,
+)
 from tests.conftest import SAMPLE
 
 PATTERN = r"^([^_]+)_"
@@ -60,13 +79,18 @@ def copies_kept(tmp_path_factory):
 
 
 def test_certificate_catches_planted_cross_split_copies_when_grouping_is_off(copies_kept):
-    off = make_splits(copies_kept, SplitSettings(respect_groups=False, seed=1))
+    defaults = DuplicateSettings()  # the thresholds clean would have used: they catch the copies it kept here
+    off = make_splits(copies_kept, SplitSettings(respect_groups=False, seed=1), defaults)
     df = off.frame
     assert df.filter(pl.col("path").str.contains("__copy-")).height >= 10  # most copies are kept rows here
     assert off.report["certificate"]["pairs_above_cosine_or_phash"] > 0
     assert off.report["certificate"]["min_cross_split_phash_distance"] <= 4
-    on = make_splits(copies_kept, SplitSettings(seed=1))
+    assert off.report["certificate"]["thresholds_from"] == "given"
+    on = make_splits(copies_kept, SplitSettings(seed=1), defaults)
     assert on.report["certificate"]["pairs_above_cosine_or_phash"] == 0
+    blind = make_splits(copies_kept, SplitSettings(seed=1))  # without `defaults`: the thresholds clean ran with
+    assert blind.report["certificate"]["phash_radius"] == 0
+    assert blind.report["certificate"]["thresholds_from"] == "settings.json"
 
 
 def test_proportions_follow_the_ratios_when_groups_are_small():
@@ -258,3 +282,116 @@ def test_vectorised_singleton_placement_equals_placing_one_by_one():
         units = np.where(rng.random(n) < 0.4, rng.integers(0, n // 8, n), np.arange(n) + n)  # groups + singletons
         ratios = [0.7, 0.15, 0.15] if trial % 2 else [0.25] * 4
         assert (assign_parts(labels, units, ratios, trial) == _greedy_one_by_one(labels, units, ratios, trial)).all()
+
+
+def _leaky_rows(n: int = 3000, dim: int = 64):
+    """Real-like embeddings with planted near-copies, a clump of 41 near-identical rows (more than the graph's
+    `LEAK_K` neighbours a row), random pHashes with one planted near pair, and a random split."""
+    data = synthetic_embeddings(n, dim=dim, seed=1, duplicate_share=0.02)
+    emb = data["vectors"]
+    rng = np.random.default_rng(0)
+    emb[1:41] = normalise(emb[0] + 0.02 * rng.standard_normal((40, dim)).astype(np.float32))
+    phash = rng.integers(0, 2**63, n, dtype=np.uint64)
+    phash[100] = phash[200] ^ np.uint64(0b10110)  # 3 bits apart
+    split = rng.choice(np.array(list(SPLITS)), n)
+    split[100], split[200] = "train", "test"
+    return emb, phash, split, data["planted"]
+
+
+def test_graph_path_finds_the_same_leaks_as_the_exact_search():
+    emb, phash, split, planted = _leaky_rows()
+    exact_report, exact = cross_split_pairs(emb, phash, split, 0.95, 8)
+    forced = leak_candidates(emb, phash, 0.95, 8, exact_limit=100)  # the compressed graph path on 3,000 rows
+    assert not forced.exact and forced.graph.k == LEAK_K
+    assert ((forced.graph.sims >= 0.95).all(axis=1)).sum() >= 41  # the clump's rows need the exact re-search
+    graph_report, leaks = certify(forced, split)
+    assert [tuple(p) for p in leaks.tolist()] == exact
+    assert len(exact) >= 400 and exact_report["search"] == "exact (flat)"
+    assert graph_report["max_cross_split_cosine"] == exact_report["max_cross_split_cosine"]
+    assert (100, 200) in exact and graph_report["min_cross_split_phash_distance"] == 3
+    unit = normalise(emb)
+    close = (unit[planted[:, 0]] * unit[planted[:, 1]]).sum(axis=1) >= 0.95
+    crossing = [tuple(sorted(p)) for p in planted[close].tolist() if split[p[0]] != split[p[1]]]
+    assert len(crossing) >= 10 and set(crossing) <= set(exact)  # every close planted copy in another split leaks
+
+
+def test_a_planted_leak_is_found_in_a_neighbourhood_above_the_exact_limit():
+    emb, phash, split, planted = _leaky_rows(n=2500)
+    original, copy = (int(x) for x in planted[0])
+    split = np.full(len(emb), "train")
+    split[copy] = "val"  # only this copy is apart from its original
+    store = UnitRows(len(emb), emb.shape[1])
+    store.put(0, emb)
+    space = Neighbourhood(store.rows, knn(store, LEAK_K, exact_limit=100), None, store)
+    report, leaks = certify(leak_candidates(space, phash, 0.95, 8, exact_limit=100), split)
+    assert (min(original, copy), max(original, copy)) in [tuple(p) for p in leaks.tolist()]
+    assert report["max_cross_split_cosine"] >= 0.95 and "neighbour graph" in report["search"]
+    assert report["min_cross_split_phash_distance_exact"] is False  # more than the radius is all that is known
+
+
+def _with_recorded(ws, **duplicates):
+    path = ws / "settings.json"
+    recorded = json.loads(path.read_text())
+    recorded["duplicates"].update(duplicates)
+    path.write_text(json.dumps(recorded))
+
+
+def test_certificate_uses_the_thresholds_clean_recorded(ws_copy):
+    default = make_splits(ws_copy, SplitSettings(seed=4)).report
+    _with_recorded(ws_copy, phash_radius=3, embed_relative=0.25)
+    recorded = make_splits(ws_copy, SplitSettings(seed=4)).report
+    assert default["certificate"]["thresholds_from"] == "settings.json"
+    assert recorded["duplicate_thresholds"] == {"phash_radius": 3, "embed_relative": 0.25, "embed_neighbours": 8}
+    assert recorded["certificate"]["phash_radius"] == 3 and default["certificate"]["phash_radius"] == 8
+    gap_default = 1 - default["certificate"]["cosine_threshold"]
+    assert (1 - recorded["certificate"]["cosine_threshold"]) == pytest.approx(gap_default / 2, abs=2e-4)
+
+
+@pytest.mark.parametrize("damage", ["missing", "not-json", "text-radius", "no-duplicates"])
+def test_missing_or_damaged_recorded_thresholds_are_one_line(ws_copy, damage):
+    path = ws_copy / "settings.json"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "not-json":
+        path.write_text("{oops")
+    elif damage == "text-radius":
+        _with_recorded(ws_copy, phash_radius="eight")
+    else:
+        path.write_text(json.dumps({"root": "x"}))
+    with pytest.raises(ManifestError, match="run `curator clean` again"):
+        make_splits(ws_copy)
+    result = CliRunner().invoke(app, ["split", "--workspace", str(ws_copy)])
+    assert result.exit_code == 1 and "settings.json" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+@pytest.fixture
+def leaky_copy(copies_kept, tmp_path, monkeypatch):
+    """The workspace whose copies clean kept, recorded as if clean had used the default thresholds (which catch
+    them), with one placement round only, so that leaks remain after the rounds."""
+    ws = tmp_path / "leaky"
+    shutil.copytree(copies_kept, ws, ignore=shutil.ignore_patterns("splits.parquet", "split_report.json"))
+    _with_recorded(ws, phash_radius=8, embed_relative=0.5)
+    monkeypatch.setattr(splits_module, "MAX_ROUNDS", 1)
+    return ws
+
+
+def test_split_with_leaks_left_fails_loudly_and_writes_nothing(leaky_copy):
+    with pytest.raises(LeakError, match=r"^\d+ near-duplicate pairs still cross the splits after 1 rounds"):
+        make_splits(leaky_copy, SplitSettings(seed=1, use_groups=False))
+    result = CliRunner().invoke(app, ["split", "--workspace", str(leaky_copy), "--seed", "1", "--no-groups"])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert "still cross the splits" in result.output and "--allow-leaks" in result.output
+    assert not (leaky_copy / "splits.parquet").exists() and not (leaky_copy / "split_report.json").exists()
+
+
+def test_allow_leaks_writes_the_split_and_says_how_many(leaky_copy):
+    result = CliRunner().invoke(app, ["split", "--workspace", str(leaky_copy), "--seed", "1", "--no-groups",
+                                      "--allow-leaks"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((leaky_copy / "split_report.json").read_text())
+    leaks = report["certificate"]["pairs_above_cosine_or_phash"]
+    assert leaks > 0 and len(report["leaks"]) == leaks and f"{leaks} near-duplicate pairs cross" in result.output
+    split_of = dict(pl.read_parquet(leaky_copy / "splits.parquet").select("path", "split").iter_rows())
+    assert all(split_of[a] != split_of[b] for a, b in report["leaks"])
