@@ -240,7 +240,7 @@ def child_peer(tree: Path, out: Path, device: str, batch_size: int, workers: int
         create_dataset,
         create_loader,
         infer_imagenet_subset,
-        resolve_input_data_config,
+        resolve_data_config,
     )
     from timm.utils import setup_default_logging
 
@@ -256,7 +256,8 @@ def child_peer(tree: Path, out: Path, device: str, batch_size: int, workers: int
     # --model tf_efficientnet_lite0 with the offline weights: load_backbone builds exactly that timm model
     model = load_backbone("efficientnet_lite0").model
     num_classes = model.num_classes
-    data_config = resolve_input_data_config(model, {}, use_test_size=True)
+    # inference.py's resolve_data_config(vars(args), model=model); resolve_input_data_config is newer than 1.0.29
+    data_config = resolve_data_config({}, model=model, use_test_size=True)
     model = model.to(device=dev).eval().to(memory_format=torch.channels_last)  # --channels-last
     start = time.perf_counter()
     dataset = create_dataset(root=str(tree), name="", split="validation", class_map="")
@@ -388,14 +389,22 @@ def _relative(name: str, root: str) -> str:
     return (os.path.relpath(name, root) if os.path.isabs(name) else name).replace(os.sep, "/")
 
 
+def predicted_labels(path: Path) -> dict[str, str | None]:
+    """path -> top-1 label of a `classify dir` output, old column names included; read with pyarrow alone, so that
+    the benchmark runs where polars is not installed (a GPU machine without network)."""
+    import pyarrow.parquet as pq
+
+    from classify.predict import current_names
+
+    table = current_names(pq.read_table(path))
+    return dict(zip(table.column("path").to_pylist(), table.column("predicted").to_pylist()))
+
+
 def agreement(ours: Path, peer: Path, tree: Path) -> dict:
     """Top-1 agreement (label text) of a `classify dir` output with the peer's CSV, over the files both classified."""
-    from classify.predict import read_predictions
-
     if not (ours.is_file() and peer.is_file()):
         return {}
-    table = read_predictions(ours).select("path", "predicted").to_dict(as_series=False)
-    mine = {p: lab for p, lab in zip(table["path"], table["predicted"]) if lab is not None}
+    mine = {p: lab for p, lab in predicted_labels(ours).items() if lab is not None}
     root = str(tree.resolve())
     with open(peer, newline="") as fh:
         theirs = {_relative(row["filename"], root): row["label"].split("|")[0] for row in csv.DictReader(fh)}
@@ -407,13 +416,10 @@ def agreement(ours: Path, peer: Path, tree: Path) -> dict:
 
 def agreement_between(a: Path, b: Path) -> dict:
     """Top-1 agreement of two `classify dir` outputs (e.g. before and after a change)."""
-    from classify.predict import read_predictions
-
     if not (a.is_file() and b.is_file()):
         return {}
-    x = read_predictions(a).select("path", "predicted").to_dict(as_series=False)
-    y = dict(zip(*read_predictions(b).select("path", "predicted").to_dict(as_series=False).values()))
-    pairs = [(lab, y[p]) for p, lab in zip(x["path"], x["predicted"]) if lab is not None and y.get(p) is not None]
+    y = predicted_labels(b)
+    pairs = [(lab, y[p]) for p, lab in predicted_labels(a).items() if lab is not None and y.get(p) is not None]
     same = sum(u == v for u, v in pairs)
     return {"compared": len(pairs), "same": same, "agreement": same / len(pairs) if pairs else None}
 
@@ -470,7 +476,7 @@ class Bench:
 
     def tuned_options(self) -> list[str]:
         return ["--batch-size", str(self.args.batch_size), "--workers", str(self.args.workers),
-                *self.device_options()]
+                *self.args.tuned_extra.split(), *self.device_options()]
 
     def measure(self, method: str, tree_name: str, tree: Path) -> dict:
         """One run of `method` on `tree` (the model ceiling ignores the tree)."""
@@ -507,7 +513,7 @@ class Bench:
         """What each method's row is, with its settings."""
         a = self.args
         amp = " --amp" if self.device == "cuda" else ""
-        tuned = f"--batch-size {a.batch_size} --workers {a.workers}"
+        tuned = " ".join([f"--batch-size {a.batch_size} --workers {a.workers}", *a.tuned_extra.split()])
         return {
             "model": f"a uint8 batch of {a.batch_size} already on {self.device}, normalised there, "
                      f"{'fp16 autocast' if self.device == 'cuda' else 'fp32'}, channels_last, forward + softmax + "
@@ -661,6 +667,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-batch-size", type=int, default=None, help="the peer's -b (default: --batch-size)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode workers of the tuned classify dir and the peer's -j (default: cores - 1)")
+    p.add_argument("--tuned-extra", default="",
+                   help="more options of the tuned `classify dir` run, e.g. --tuned-extra=--no-gpu-decode")
     p.add_argument("--decode-procs", type=int, default=None, help="processes of the decode ceiling (default: cores)")
     p.add_argument("--model-seconds", type=float, default=None, help="timed seconds of the model ceiling "
                    "(default: 10 CUDA, 5 CPU)")

@@ -3,8 +3,11 @@
 Files are listed lazily (`curator.core.images.iter_files`) and go through the batched data plane
 (`curator.embedding.dataplane`): decode workers read each file through the same safe loader as `curator clean` and fill
 one contiguous uint8 batch with the model's preprocessing (`curator.embedding.preprocess.Preprocess`, from the
-backbone's data config; for a trained run, the checkpoint's backbone); on CUDA, JPEGs are decoded on the GPU
-(`curator.embedding.gpu_decode`) and batches are copied to it while the model runs. Rows are built as Arrow arrays, a
+backbone's data config; for a trained run, the checkpoint's backbone); on CUDA batches are copied to the GPU while the
+model runs. With `gpu_decode` JPEGs are decoded on the GPU instead (`curator.embedding.gpu_decode`, nvjpeg). It is off
+by default: on one H200 with 16 cores (docs/BENCHMARKS.md) it was no faster than the CPU workers (224-px paintings
+1,395-1,891 images/s against 1,835; 1,600-px JPEGs 569-625 against 632) and nvjpeg's decoding moved the top-1 class of
+4% of the sample paintings off the CPU loader's (mean 0.84 levels, at most 77, apart). Rows are built as Arrow arrays, a
 batch at a time, and flushed every `flush_every` files as numbered part files (each written atomically) in `OUT.parts/`,
 so a run killed at any moment, SIGKILL included, keeps every flushed row readable. `resume` skips the files already in
 the parts and continues; at the end the parts are joined into OUT (atomically) and removed. Flushes fall on batch
@@ -94,8 +97,9 @@ FLUSH_FILES = 2048  # rows per part file, rounded down to a multiple of the batc
 
 @dataclass(frozen=True)
 class PredictSettings:
-    """`batch_size`, `workers`, `flush_every` and `gpu_decode` left as None are chosen by device (module docstring);
-    `gpu_decode` True forces the device JPEG path even on a CPU (`decode_batch(device="cpu")`, for tests)."""
+    """`batch_size`, `workers` and `flush_every` left as None are chosen by device (module docstring). `gpu_decode`
+    True sends JPEGs to `curator.embedding.gpu_decode` (nvjpeg on CUDA; `decode_batch(device="cpu")` on a CPU, for
+    tests); off by default (module docstring says why)."""
 
     model: str | None = None  # a `classify train` run folder; None: the backbone's ImageNet-1k classes
     backbone: str = DEFAULT_BACKBONE
@@ -111,7 +115,7 @@ class PredictSettings:
     flush_every: int | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
     follow_symlinks: bool = False
-    gpu_decode: bool | None = None
+    gpu_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or (self.batch_size is not None and self.batch_size < 1):
@@ -632,16 +636,14 @@ class RowBuilder:
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
 
-def _device_jpegs(setting: bool | None, runtime: Runtime) -> bool:
-    """Whether JPEGs go to `curator.embedding.gpu_decode`: as asked, or (None) on CUDA when it can be imported."""
-    if setting is False or (setting is None and runtime.device != "cuda"):
+def _device_jpegs(setting: bool, runtime: Runtime) -> bool:
+    """Whether JPEGs go to `curator.embedding.gpu_decode`: only when asked (`--gpu-decode`), and it can be imported."""
+    if not setting:
         return False
     try:
         import curator.embedding.gpu_decode  # noqa: F401
     except ImportError as exc:
-        if setting:
-            raise UsageError(f"--gpu-decode is unavailable here ({exc}); leave it to auto") from None
-        return False
+        raise UsageError(f"--gpu-decode is unavailable here ({exc}); run without it") from None
     return True
 
 

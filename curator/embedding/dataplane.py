@@ -8,12 +8,13 @@ k of W takes batches k, k+W, ..., which the DataLoader hands back in order) each
 path, error, file info...). So a batch costs one shared-memory transfer and, on CUDA, one pin, not one per image.
 
 On CUDA a staging thread copies each batch to the GPU on a side stream while the model runs on the previous one
-(`Ready.pixels` is on the device; the model's stream waits on an event, never on a copy), and, with device JPEG
-decoding on, hands JPEG bytes to `curator.embedding.gpu_decode.decode_batch`: workers read each file and run
-`jpeg_precheck` (the safe loader's header checks) on the CPU; what passes travels as bytes (one shared buffer per
-batch) and nvjpeg decodes it in batches; a file it rejects goes back to the CPU loader (the work, run again), which
-gives the reason. Workers decode everything else, and keep a share of the JPEGs for themselves: the staging thread
-moves that share until the workers just keep up (the GPU decodes the rest, and runs the model).
+(`Ready.pixels` is on the device; the model's stream waits on an event, never on a copy), and, with device JPEG decoding
+on (opt-in: `classify dir --gpu-decode`, which says why), hands JPEG bytes to
+`curator.embedding.gpu_decode.decode_batch`: workers read each file and run `jpeg_precheck` (the safe loader's header
+checks) on the CPU; what passes travels as bytes (one shared buffer per batch) and nvjpeg decodes it in batches; a file
+it rejects goes back to the CPU loader (the work, run again), which gives the reason. Workers decode everything else,
+and keep a share of the JPEGs for themselves: the staging thread moves that share until the workers just keep up (the
+GPU decodes the rest, and runs the model).
 
 `PlaneStats` says where the time went: `wait_share` is the share of the consumer's wall time spent waiting for the
 next batch (near 1: bound by decoding; near 0: bound by the model).
@@ -341,7 +342,7 @@ class DataPlane:
 
         offsets, flat = batch.jpeg_offsets, batch.jpeg_data.numpy()
         datas = [flat[offsets[j]:offsets[j + 1]].tobytes() for j in range(len(offsets) - 1)]
-        pixels, ok, failed = decode_batch(datas, self.preprocess, self.device)
+        pixels, ok, failed = decode_batch(datas, self.preprocess, self.device, prechecked=True)  # by the workers
         parts, positions = [], []
         if len(ok):
             parts.append(pixels)

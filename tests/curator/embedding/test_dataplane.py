@@ -52,10 +52,11 @@ class ReadDecode:
 
 
 def garbled_jpeg(source: Path) -> bytes:
-    """A JPEG whose header and end marker are intact but whose entropy-coded data holds a stray frame marker half
-    way: the header checks pass it, both decoders refuse it."""
-    data = source.read_bytes()
-    return data[: len(data) // 2] + b"\xff\xc0\x00\x02" + data[len(data) // 2:]
+    """A JPEG whose scan header names a component its frame does not have (id 9): the header checks pass it (they
+    read up to the scan and look for markers inside it), both decoders refuse it."""
+    data = bytearray(source.read_bytes())
+    data[data.find(b"\xff\xda") + 5] = 0x09
+    return bytes(data)
 
 
 @pytest.fixture

@@ -24,6 +24,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 #: max 1-2). nvjpeg's IDCT and chroma upsampling differ from libjpeg-turbo's; the CUDA bound is torchvision's own for
 #: nvjpeg against its CPU decoder (mean < 2), not yet measured here: tighten it from a GPU run.
 TOLERANCE = {"cpu": (0.05, 2), "cuda": (2.0, 96)}
+#: Top-1 agreement with the full CPU decode. nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's: on one H200
+#: 0.960 of the sample paintings and 0.967 of the 1,600-px set agreed (docs/BENCHMARKS.md), why --gpu-decode is opt-in.
+MIN_TOP1_AGREEMENT = {"cpu": 0.995, "cuda": 0.95}
 #: The CPU loader draft-decodes large JPEGs (DCT scaling to >= `resize`); the device path decodes them whole.
 DRAFT_TOLERANCE = (1.5, 64)
 
@@ -153,7 +156,7 @@ def test_top1_agrees_with_the_cpu_path(backbone, preprocess, decoded, device, na
     drafted = top1_agreement(backbone, preprocess, pixels, decoded(name, "draft"))
     print(f"{name}, {device}: top-1 agreement {agreement:.3f} with the full decode, {drafted:.3f} with the draft "
           f"decode, over {len(ok)}")
-    assert len(ok) == {"sample": 150, "1,600 px": 30}[name] and agreement >= 0.995
+    assert len(ok) == {"sample": 150, "1,600 px": 30}[name] and agreement >= MIN_TOP1_AGREEMENT[device]
 
 
 def test_other_configurations_follow_the_config(backbone):
@@ -251,7 +254,7 @@ def odd_files() -> dict[str, bytes]:
 #: verdict ("ok", a fragment of its reason, or None where it is not the point).
 ROUTES = {
     "truncated.jpg": ("cpu", "truncated JPEG"),
-    "garbage.jpg": ("failed", "broken JPEG data"),
+    "garbage.jpg": ("cpu", "broken JPEG data"),  # nvjpeg would decode its noise: the scan check keeps it away
     "garbage_no_end.jpg": ("cpu", "JPEG"),
     "cmyk.jpg": ("cpu", "ok"),
     "rgb_components.jpg": ("cpu", "ok"),
