@@ -244,6 +244,8 @@ def split(
 def print_clean_summary(result) -> None:
     import polars as pl
 
+    from curator.stages.mislabels import estimate_text
+
     df = result.manifest
     table = Table(title="curator clean", show_footer=False)
     table.add_column("class")
@@ -273,12 +275,9 @@ def print_clean_summary(result) -> None:
     relabelled = int(flagged["original_label"].is_not_null().sum())
     console.print(f"mislabels: {len(flagged)} flagged ({relabelled} relabelled, "
                   f"{int((flagged['keep']).sum())} kept for review)")
-    estimate = result.mislabels
-    if estimate.get("noise_interval"):
-        low, high = estimate["noise_interval"]
-        console.print(f"           estimated {100 * estimate['noise_rate']:.1f}% of labels wrong (90% interval "
-                      f"{100 * low:.1f}-{100 * high:.1f}%)" + ("" if estimate.get("reliable", True) else
-                                                             "; too few images to trust it: nothing removed"))
+    estimate = estimate_text(result.mislabels)
+    if estimate:
+        console.print(f"           {estimate}")
     quality = {name: int(df[f"is_{name}_issue"].sum()) for name in QUALITY_CHECKS if f"is_{name}_issue" in df.columns}
     if quality:
         console.print("  quality: " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in quality.items())

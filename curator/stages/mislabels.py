@@ -102,6 +102,18 @@ class MislabelResult:
                 "review_cut": round(self.review_cut, 4)}
 
 
+def estimate_text(summary: dict) -> str | None:
+    """The noise estimate of a `Mislabels.summary()` (as settings.json records it) in words, for the CLI's summary and
+    the report alike: "estimated 0.4% of labels wrong (90% interval 0.2-0.7%)", with "; too few images to trust it:
+    nothing removed" when it is not reliable. None when there is no estimate."""
+    if not summary or not summary.get("noise_interval"):
+        return None
+    low, high = summary["noise_interval"]
+    text = (f"estimated {100 * summary['noise_rate']:.1f}% of labels wrong (90% interval {100 * low:.1f}-"
+            f"{100 * high:.1f}%)")
+    return text if summary.get("reliable", True) else text + "; too few images to trust it: nothing removed"
+
+
 #: Rows above which the probe is fitted on the 256-dimensional projection of the embedding (the one the neighbour
 #: search uses) with training folds of at most `PROBE_TRAIN_ROWS` random rows; at or below it, as before, on the full
 #: embedding. Its cost in quality, forced on wikiart-dev at 10% planted swaps (bench/neighbours_scale.py --probe, two

@@ -21,6 +21,7 @@ from curator.core.atomic import atomic_path
 from curator.core.images import write_thumbnail
 from curator.core.paths import source_path
 from curator.core.settings import QUALITY_CHECKS
+from curator.stages.mislabels import estimate_text
 
 SHOWN = 200
 THUMB_SIDE = 128
@@ -165,15 +166,15 @@ def _mislabels(frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs, estimate: 
 
 
 def _estimate_note(estimate: dict) -> str:
-    """"Estimated share of wrong labels: 0.4% (90% interval 0.2-0.7%), from 3,030 judged images"."""
-    if not estimate or not estimate.get("noise_interval"):
+    """"Estimated 0.4% of labels wrong (90% interval 0.2-0.7%), from 3,030 judged images." (`estimate_text`, the
+    words of the CLI's summary too)."""
+    text = estimate_text(estimate)
+    if not text:
         return ""
-    low, high = estimate["noise_interval"]
-    text = (f"Estimated share of wrong labels in this collection: {100 * estimate['noise_rate']:.1f}% (90% interval "
-            f"{100 * low:.1f}-{100 * high:.1f}%), from {estimate.get('judged', 0):,} judged images.")
-    if not estimate.get("reliable", True):
-        text += " Too few images to trust it: nothing was removed, the would-be outliers are kept for review."
-    return text
+    said, _, caveat = text.partition("; ")
+    note = f"{said[0].upper()}{said[1:]}, from {estimate.get('judged', 0):,} judged images."
+    return note + (" Too few images to trust it: nothing was removed, the would-be outliers are kept for review."
+                   if caveat else "")
 
 
 def _mislabel_section(rows: pl.DataFrame, frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs, anchor: str,

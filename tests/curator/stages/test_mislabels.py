@@ -12,6 +12,7 @@ from curator.stages.mislabels import (
     MislabelSettings,
     cached_score,
     estimate_noise_rate,
+    estimate_text,
     out_of_fold_probabilities,
     score_mislabels,
 )
@@ -114,6 +115,14 @@ def test_the_noise_estimate_comes_with_an_interval(cleaned):
     assert summary["reliable"] and summary["judged"] >= 100
     assert summary["outliers"] == (df["mislabel_tier"] == "outlier").sum()
     assert summary["review"] == (df["mislabel_tier"] == "review").sum()
+
+
+def test_the_estimate_reads_the_same_in_the_cli_and_the_report():
+    summary = {"noise_rate": 0.0042, "noise_interval": [0.002, 0.0071], "judged": 3030, "reliable": True}
+    assert estimate_text(summary) == "estimated 0.4% of labels wrong (90% interval 0.2-0.7%)"
+    assert estimate_text({**summary, "reliable": False}) == ("estimated 0.4% of labels wrong (90% interval 0.2-0.7%)"
+                                                            "; too few images to trust it: nothing removed")
+    assert estimate_text({}) is None and estimate_text({"noise_rate": 0.1}) is None
 
 
 def test_flag_only_changes_keep_only(cleaned):

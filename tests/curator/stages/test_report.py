@@ -102,7 +102,7 @@ def test_the_two_mislabel_tiers_are_two_sections_with_their_evidence_and_the_est
     page = report.write_report(frame, root, ws, mislabels=estimate).read_text(encoding="utf-8")
     assert "Likely mislabelled: every witness disagrees with the label (2)" in page
     assert "Kept for review: unusual for their label (1)" in page
-    assert "0.4% (90% interval 0.2-0.7%), from 3,030 judged images" in page
+    assert "Estimated 0.4% of labels wrong (90% interval 0.2-0.7%), from 3,030 judged images." in page
     assert "12 of its artist&#39;s 13 other works are filed as Rococo" in page
     assert pl.read_parquet(ws / "report" / "mislabels.parquet")["path"].to_list() == ["Rococo/m0000.png",
                                                                                       "Rococo/m0001.png"]

@@ -36,16 +36,27 @@ def dump_dom(page, tmp_path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="module")
+def odd_report(tmp_path_factory):
+    """`curator clean` on the odd tree, once for the tests of this module."""
+    tmp = tmp_path_factory.mktemp("report")
+    write_odd_tree(tmp / "raw")
+    return clean(CleanSettings(root=tmp / "raw", workspace=tmp / "ws", workers=1))
+
+
+def loaded_with(result, script: str, name: str, tmp_path) -> subprocess.CompletedProcess:
+    """The report with `script` appended to its body, saved as `name` beside it (so that its relative links hold), as
+    headless Chromium's DOM after loading it."""
+    page = result.report_path.read_text(encoding="utf-8")
+    checked = result.report_path.with_name(name)
+    checked.write_text(page.replace("</body>", script + "</body>"), encoding="utf-8")
+    return dump_dom(checked, tmp_path)
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
-def test_every_report_image_loads_in_chromium(tmp_path):
-    root = tmp_path / "raw"
-    write_odd_tree(root)
-    result = clean(CleanSettings(root=root, workspace=tmp_path / "ws", workers=1))
-    page = result.report_path.read_text(encoding="utf-8")
-    checked = result.report_path.with_name("report_check.html")
-    checked.write_text(page.replace("</body>", CHECK + "</body>"), encoding="utf-8")
-    out = dump_dom(checked, tmp_path)
+def test_every_report_image_loads_in_chromium(odd_report, tmp_path):
+    out = loaded_with(odd_report, CHECK, "report_check.html", tmp_path)
     found = re.search(r"IMAGES (\d+)/(\d+)", out.stdout)
     assert found, out.stderr[-2000:]
     good, total = int(found.group(1)), int(found.group(2))
@@ -75,14 +86,9 @@ window.addEventListener('load', () => {
 
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
-def test_the_explorer_filters_and_opens_an_image(tmp_path):
-    root = tmp_path / "raw"
-    write_odd_tree(root)
-    result = clean(CleanSettings(root=root, workspace=tmp_path / "ws", workers=1))
-    page = result.report_path.read_text(encoding="utf-8")
-    checked = result.report_path.with_name("report_explore.html")
-    checked.write_text(page.replace("</body>", EXPLORE + "</body>"), encoding="utf-8")
-    out = dump_dom(checked, tmp_path)
+def test_the_explorer_filters_and_opens_an_image(odd_report, tmp_path):
+    result = odd_report
+    out = loaded_with(result, EXPLORE, "report_explore.html", tmp_path)
     found = re.search(r"EXPLORE (\d+) (\d+) (\w+) (\d+)", out.stdout)
     assert found, out.stderr[-2000:]
     everything, duplicates, opened, fields = int(found[1]), int(found[2]), found[3], int(found[4])
