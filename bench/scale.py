@@ -1,7 +1,7 @@
 """A million images on one machine (issue 16): seconds and peak memory of what grows with N.
 
     .venv/bin/python bench/scale.py listing [--files 1000000] [--done 999000] [--dir DIR]
-    .venv/bin/python bench/scale.py tree --dev ../shared/data/wikiart-dev [--files 30000] [--dir DIR]
+    .venv/bin/python bench/scale.py tree --dev ../shared/data/wikiart-dev [--files 30000] [--dir DIR] [--keep DIR]
     .venv/bin/python bench/scale.py later [--sizes 10000,100000,1000000] [--dim 2304] [--dir DIR]
 
 - listing (c): a tree of `--files` hard links to one sample JPEG (1,000 per folder) is listed the way
@@ -18,7 +18,9 @@
   stage, its peak RSS, the planted pairs found in one duplicate cluster (and by the embedding stage alone), and the
   swapped labels flagged.
 - tree (b): `curator clean` end to end on the wikiart-dev paintings plus transformed copies (re-encodes, resizes,
-  crops) up to `--files`, against the paintings alone: seconds per image, peak RSS, recall of the planted copies.
+  crops; about 8 of every painting, of every kind) up to `--files`, against the paintings alone: seconds per image,
+  peak RSS, recall of the planted copies (in their original's cluster), overall and per copy kind, and what each stage
+  of the cascade linked on its own. `--keep DIR` leaves the trees and workspaces there.
 
 Results and the machine go in docs/BENCHMARKS.md.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,15 +42,38 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def own_peak_mb() -> float:
+    """This process's own peak RSS in MB: VmHWM of /proc/self/status, which starts afresh at exec. ru_maxrss does
+    not: a process inherits the peak of the parent that started it (a parent holding 1.9 GB made a child that held
+    11 MB report 1.9 GB), so a phase started by a parent that had built a large workspace reported the parent's
+    memory. ru_maxrss where /proc is absent."""
+    import resource
+
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        found = None
+    return int(found.group(1)) / 1024 if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_mb() -> dict[str, float]:
+    """This process's resident memory now, in MB, by kind (RssAnon, RssFile, RssShmem; empty where /proc is absent)."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return {}
+    return {k: int(v) / 1024 for k, v in re.findall(r"^(Rss\w+):\s+(\d+) kB", text, re.M)}
+
+
 def child(phase: str, args: list[str]) -> dict:
-    """Run `bench/scale.py _<phase> ARGS` in a fresh process; its JSON result with its own peak RSS (`rss_mb`)."""
+    """Run `bench/scale.py _<phase> ARGS` in a fresh process; its JSON result with its own peak RSS (`rss_mb`, from
+    the child itself: see `own_peak_mb`) and CPU seconds."""
     proc = subprocess.Popen([sys.executable, __file__, f"_{phase}", *args], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"phase {phase} failed with status {status}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["rss_mb"] = round(usage.ru_maxrss / 1024, 1)
     result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
     return result
 
@@ -118,7 +144,7 @@ def phase_resume(root: str, out: str) -> dict:
     t_parts = time.perf_counter() - t0
     inputs = Inputs(Path(root), Path(out), False)
     total = sum(1 for _ in inputs)
-    todo = sum(len(batch) for batch in Chunks(inputs, frozenset(done), 256)())
+    todo = sum(len(batch) for batch in Chunks(inputs, done, 256)())
     return {"done_rows": rows, "files": total, "todo": todo, "read_parts_s": round(t_parts, 2),
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -132,7 +158,8 @@ def run_listing(files: int, done: int, base: Path) -> dict:
         base = child("base", [])
         listing = child("list", [str(root), str(out)])
         resume = child("resume", [str(root), str(out)])
-        return {"files": files, "done": done, "make_tree_s": round(made, 1), "base": base, "listing": listing, "resume": resume}
+        return {"files": files, "done": done, "make_tree_s": round(made, 1), "base": base, "listing": listing,
+                "resume": resume}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -240,10 +267,9 @@ class StageLog:
         self.stage, self.total, self.done, self.next = "", 0, 0, 0
 
     def say(self, text: str) -> None:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"[{time.perf_counter() - self.t0:7.0f} s, {time.process_time():7.0f} s CPU, peak {rss:,.0f} MB] {text}",
+        rss, now = own_peak_mb(), resident_mb()
+        print(f"[{time.perf_counter() - self.t0:7.0f} s, {time.process_time():7.0f} s CPU, peak {rss:,.0f} MB, now "
+              f"{now.get('RssAnon', 0):,.0f} anon + {now.get('RssFile', 0):,.0f} file] {text}",
               file=sys.stderr, flush=True)
 
     def start(self, stage: str, total: int) -> None:
@@ -349,10 +375,12 @@ def print_later(results: list[dict]) -> None:
 COPY_KINDS = ("reencode", "resize", "crop")
 
 
-def make_copy_tree(dev: Path, out: Path, files: int, seed: int = 0) -> list[tuple[str, str]]:
-    """`out` holds every painting of `dev` (hard links) and transformed copies of them
-    (`curator.stages.planting.make_copy`: JPEG re-encodes at quality 25-45, 0.5-0.7x resizes, 5-10% crops) beside their
-    originals, up to `files` in all. Returns the planted (copy, original) pairs as paths relative to `out`."""
+def make_copy_tree(dev: Path, out: Path, files: int, seed: int = 0,
+                   originals: list[Path] | None = None) -> list[tuple[str, str]]:
+    """`out` holds the paintings of `dev` (hard links; `originals`, paths under `dev`, when given: a subset) and
+    transformed copies of them (`curator.stages.planting.make_copy`: JPEG re-encodes at quality 25-45, 0.5-0.7x
+    resizes, 5-10% crops) beside their originals, up to `files` in all. Returns the planted (copy, original) pairs as
+    paths relative to `out` (a copy's kind is in its name: `copy_kind`)."""
     import io
 
     import numpy as np
@@ -361,7 +389,7 @@ def make_copy_tree(dev: Path, out: Path, files: int, seed: int = 0) -> list[tupl
     from curator.stages.planting import make_copy
 
     rng = np.random.default_rng(seed)
-    originals = sorted(p for p in dev.rglob("*.jpg"))
+    originals = sorted(originals if originals is not None else dev.rglob("*.jpg"))
     for path in originals:
         dest = out / path.relative_to(dev)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -371,12 +399,19 @@ def make_copy_tree(dev: Path, out: Path, files: int, seed: int = 0) -> list[tupl
         path = originals[n % len(originals)]
         rel = path.relative_to(dev)
         data = path.read_bytes()
-        kind = COPY_KINDS[n % len(COPY_KINDS)]
+        # kinds cycle along the originals and shift by one each round, so that every painting gets copies of every
+        # kind (cycling on n alone gave all 8 copies of a painting one kind whenever 3 divides the originals' count)
+        kind = COPY_KINDS[(n + n // len(originals)) % len(COPY_KINDS)]
         copy, ext = make_copy(Image.open(io.BytesIO(data)).convert("RGB"), data, kind, rng)
         copy_rel = rel.with_name(f"{rel.stem}__copy{n // len(originals)}-{kind}{ext}")
         (out / copy_rel).write_bytes(copy)
         planted.append((copy_rel.as_posix(), rel.as_posix()))
     return planted
+
+
+def copy_kind(copy: str) -> str:
+    """The kind of a planted copy (`make_copy_tree`), from its name."""
+    return copy.rsplit("-", 1)[-1].split(".", 1)[0]
 
 
 def phase_clean(root: str, workspace: str) -> dict:
@@ -388,33 +423,68 @@ def phase_clean(root: str, workspace: str) -> dict:
             "timings": {k: round(v, 1) for k, v in result.timings.items()}}
 
 
-def planted_recall(workspace: Path, planted: list[tuple[str, str]]) -> float:
-    """Share of planted copies in the same duplicate cluster as their original."""
+def planted_recall(workspace: Path, planted: list[tuple[str, str]]) -> dict:
+    """Share of planted copies in the same duplicate cluster as their original (`cluster`), overall and per copy kind
+    (`copy_kind`), and per stage of the cascade: the share in the same `exact_group`, `phash_group` or
+    `embedding_group` as their original (what that stage's pairs alone link)."""
     from curator.core import manifest
 
     frame = manifest.read(workspace)
-    cluster = dict(zip(frame["path"].to_list(), frame["cluster"].to_list()))
-    found = sum(1 for copy, original in planted if cluster[copy] is not None and cluster[copy] == cluster[original])
-    return found / max(1, len(planted))
+    paths = frame["path"].to_list()
+    kinds = [copy_kind(copy) for copy, _ in planted]
+
+    def shares(column: str) -> dict[str, float]:
+        of = dict(zip(paths, frame[column].to_list()))
+        hit = [of[copy] is not None and of[copy] == of[original] for copy, original in planted]
+        out = {"all": round(sum(hit) / max(1, len(hit)), 4)}
+        for kind in COPY_KINDS:
+            mine = [h for h, k in zip(hit, kinds) if k == kind]
+            out[kind] = round(sum(mine) / max(1, len(mine)), 4)
+        return out
+
+    return {"cluster": shares("cluster"),
+            **{stage: shares(f"{stage}_group") for stage in ("exact", "phash", "embedding")}}
 
 
-def run_tree(dev: Path, files: int, base: Path) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="scale-tree-", dir=base))
+def run_tree(dev: Path, files: int, base: Path, keep: Path | None = None) -> dict:
+    """(b): the paintings alone and the tree of `files`, each cleaned in a process of its own; the trees and
+    workspaces are deleted afterwards unless `keep` names a folder (new or empty) to make them in and leave."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        if any(keep.iterdir()):
+            raise SystemExit(f"--keep {keep} is not empty")
+    work = keep or Path(tempfile.mkdtemp(prefix="scale-tree-", dir=base))
     try:
         small, large = work / "small", work / "large"
         make_copy_tree(dev, small, 0)
         t0 = time.perf_counter()
         planted = make_copy_tree(dev, large, files)
         made = time.perf_counter() - t0
+        (work / "planted.json").write_text(json.dumps(planted))
         runs = {}
         for name, root in (("small", small), ("large", large)):
             runs[name] = child("clean", [str(root), str(work / f"ws-{name}")])
             runs[name]["per_image_ms"] = round(1000 * runs[name]["seconds"] / runs[name]["files"], 2)
-        runs["large"]["recall"] = round(planted_recall(work / "ws-large", planted), 4)
+        found = planted_recall(work / "ws-large", planted)
+        runs["large"]["recall"] = found["cluster"]["all"]
         return {"files": files, "planted": len(planted), "make_tree_s": round(made, 1), **runs,
-                "ratio": round(runs["large"]["per_image_ms"] / runs["small"]["per_image_ms"], 3)}
+                "ratio": round(runs["large"]["per_image_ms"] / runs["small"]["per_image_ms"], 3),
+                "recall": found, "embedding_threshold": embedding_threshold(work / "ws-large")}
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def embedding_threshold(workspace: Path) -> float | None:
+    """The embedding-stage cosine threshold the cascade used on a workspace (1 - 0.5 x the collection's typical
+    nearest-neighbour gap), read off a reason that cites an embedding pair; None when none does."""
+    import re
+
+    from curator.core import manifest
+
+    reasons = manifest.read(workspace)["reason"].drop_nulls().to_list()
+    found = next((m for r in reasons if (m := re.search(r"\(threshold ([0-9.]+)\)", r))), None)
+    return float(found.group(1)) if found else None
 
 
 def print_tree(r: dict) -> None:
@@ -424,7 +494,11 @@ def print_tree(r: dict) -> None:
     for name in ("small", "large"):
         x = r[name]
         print(f"{name:<8}{x['files']:>8,}{x['seconds']:>9}{x['per_image_ms']:>10}{x['rss_mb']:>13}  {x['timings']}")
-    print(f"time per image, large / small: {r['ratio']}x; planted-copy recall {r['large']['recall']}")
+    print(f"time per image, large / small: {r['ratio']}x; planted-copy recall {r['large']['recall']}; embedding-stage "
+          f"threshold {r['embedding_threshold']}")
+    print(f"{'recall':<10}" + "".join(f"{k:>10}" for k in ("all", *COPY_KINDS)))
+    for stage, shares in r["recall"].items():
+        print(f"{stage:<10}" + "".join(f"{shares[k]:>10}" for k in ("all", *COPY_KINDS)))
 
 
 def main() -> None:
@@ -440,6 +514,8 @@ def main() -> None:
     tree.add_argument("--files", type=int, default=30_000)
     tree.add_argument("--dir", type=Path, default=REPO.parent)
     tree.add_argument("--json", type=Path)
+    tree.add_argument("--keep", type=Path, help="make the trees and workspaces in this (new or empty) folder and keep "
+                                                "them, to inspect (settings.json, manifest, report)")
     later = sub.add_parser("later")
     later.add_argument("--sizes", default="10000,100000,1000000")
     later.add_argument("--dim", type=int, default=2304)
@@ -452,13 +528,13 @@ def main() -> None:
     if args.what.startswith("_"):
         fn = {"_base": phase_base, "_list": phase_list, "_resume": phase_resume, "_clean": phase_clean,
               "_later": phase_later}[args.what]
-        print(json.dumps(fn(*args.args)))
+        print(json.dumps({**fn(*args.args), "rss_mb": round(own_peak_mb(), 1)}))
         return
     if args.what == "listing":
         result = run_listing(args.files, args.done, args.dir)
         print_listing(result)
     if args.what == "tree":
-        result = run_tree(args.dev, args.files, args.dir)
+        result = run_tree(args.dev, args.files, args.dir, args.keep)
         print_tree(result)
     if args.what == "later":
         result = run_later([int(v) for v in args.sizes.split(",")], args.dim, args.dir, args.keep)

@@ -48,7 +48,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -310,18 +310,53 @@ class Inputs:
                 yield path
 
 
+class DoneSet:
+    """The (path text, escaped) pairs already classified, as one sorted array of 16-byte BLAKE2b digests: 16 bytes a
+    path in one buffer, which forked decode workers share untouched, where a Python set of the pairs took about 120
+    MB per million paths in every worker that filtered with it. Membership is tested a block of paths at a time."""
+
+    def __init__(self, pairs: Iterable[tuple[str, bool]] = ()):
+        self.digests = np.unique(np.array([_digest(text, escaped) for text, escaped in pairs], dtype="S16"))
+
+    @classmethod
+    def union(cls, sets: Iterable[DoneSet]) -> DoneSet:
+        merged = cls()
+        merged.digests = np.unique(np.concatenate([merged.digests, *(s.digests for s in sets)]))
+        return merged
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def contains(self, pairs: Sequence[tuple[str, bool]]) -> np.ndarray:
+        """(len(pairs),) bool: which of `pairs` are done."""
+        if not len(self.digests) or not len(pairs):
+            return np.zeros(len(pairs), dtype=bool)
+        wanted = np.array([_digest(text, escaped) for text, escaped in pairs], dtype="S16")
+        at = np.minimum(np.searchsorted(self.digests, wanted), len(self.digests) - 1)
+        return self.digests[at] == wanted
+
+
+def _digest(text: str, escaped: bool) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, person=b"e" if escaped else b"p"
+                           ).digest()
+
+
 @dataclass(frozen=True)
 class Chunks:
     """The files not done yet, in batches: what each decode worker lists (the same sequence every time)."""
 
     inputs: Inputs
-    done: frozenset[tuple[str, bool]]
+    done: DoneSet
     batch_size: int
 
     def __call__(self) -> Iterator[list[Path]]:
+        return chunked(self._todo() if len(self.done) else iter(self.inputs), self.batch_size)
+
+    def _todo(self) -> Iterator[Path]:
         root = self.inputs.root
-        todo = (p for p in self.inputs if not self.done or relative_text(p, root) not in self.done)
-        return chunked(todo, self.batch_size)
+        for block in chunked(self.inputs, 4096):
+            done = self.done.contains([relative_text(p, root) for p in block])
+            yield from (p for p, skip in zip(block, done) if not skip)
 
 
 def output_schema(embeddings: bool) -> pa.Schema:
@@ -453,10 +488,10 @@ def _write_atomic_table(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[tuple[str, bool]], int]:
+def read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], DoneSet, int]:
     """The flushed part files, the (path, escaped) pairs they hold and their row count."""
     files = sorted(parts.glob("part-*.parquet"))
-    done: set[tuple[str, bool]] = set()
+    done: list[DoneSet] = []
     rows = 0
     for f in files:
         try:
@@ -468,9 +503,9 @@ def read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], set[tuple[st
         if table is None:
             raise UsageError(f"{_show(parts)} was written with other options (columns {names}); rerun with the "
                              f"same --embeddings setting, or delete it")
-        done.update(zip(table.column("path").to_pylist(), table.column("path_escaped").to_pylist()))
+        done.append(DoneSet(zip(table.column("path").to_pylist(), table.column("path_escaped").to_pylist())))
         rows += table.num_rows
-    return files, done, rows
+    return files, DoneSet.union(done), rows
 
 
 def _old_names(names: list[str]) -> list[str]:
@@ -690,7 +725,7 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
     emit("advance", {"n": resumed})
     workers = choose_workers(settings.workers, runtime.device, total - resumed)
     policy = ReadPolicy(root, settings.max_bytes, settings.follow_symlinks)
-    plane = DataPlane(Chunks(inputs, frozenset(done), batch_size), DirWork(root, policy, predictor.preprocess),
+    plane = DataPlane(Chunks(inputs, done, batch_size), DirWork(root, policy, predictor.preprocess),
                       predictor.shape, device=runtime.device, workers=workers, preprocess=predictor.preprocess,
                       device_jpegs=device_jpegs, cpu_jpeg_share=None if runtime.device == "cuda" else 0.0)
     k = min(settings.top_k, len(predictor.classes))

@@ -188,7 +188,7 @@ def classify_dir_ray(root: Path, out: Path, settings: PredictSettings | None = N
         part_files, done, resumed = read_parts(parts, schema)
         start = time.perf_counter()
         first = _next_shard(part_files)
-        chunks = Chunks(Inputs(root, out, settings.follow_symlinks), frozenset(done), shard_size)()
+        chunks = Chunks(Inputs(root, out, settings.follow_symlinks), done, shard_size)()
         listing = ([{"shard": first + i, "seq": j, "path": path_bytes(p)} for j, p in enumerate(chunk)]
                    for i, chunk in enumerate(chunks))
         refs, sizes = put_shards(ray, listing)

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -68,13 +70,15 @@ class Graph:
     """Each row's nearest other rows, nearest first: `ids` (N, k) int32 (`ID_TYPE`; -1 where a row has fewer),
     `sims` (N, k) float32 exact cosines (-inf at -1), whether the search was `exact`, and how (`method`).
     `projection` is the (D, 256) matrix the compressed index searched with (None when exact), which the mislabel
-    probe reuses."""
+    probe reuses; `projected` the searched rows' (N, 256) float16 projections through it, row for row with the rows
+    given to the search (`build` moves them to the `Neighbourhood`, which indexes them like its rows)."""
 
     ids: np.ndarray
     sims: np.ndarray
     exact: bool
     method: str
     projection: np.ndarray | None = None
+    projected: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -103,7 +107,7 @@ class Graph:
             sims = np.take_along_axis(self.sims[part], order, axis=1)
             out_ids[start:start + len(part)] = mapped
             out_sims[start:start + len(part)] = np.where(mapped >= 0, sims, -np.inf)
-        return replace(self, ids=out_ids, sims=out_sims)
+        return replace(self, ids=out_ids, sims=out_sims, projected=None)
 
 
 class UnitRows:
@@ -142,13 +146,16 @@ class Neighbourhood:
     both read, built once (`curator clean`: `build`).
 
     `vectors` holds the gathered rows: up to `EXACT_LIMIT` the float32 embedding as given, above it a `UnitRows`'
-    float16 unit rows. `rows` says which of them this neighbourhood covers, in order (None: all), so that the
-    mislabel stage's subset (the kept rows) reads the same memory instead of a copy; `graph` is over those rows."""
+    float16 unit rows (or, built with a `spill_dir`, the same rows mapped read-only from a file: see `spill`).
+    `rows` says which of them this neighbourhood covers, in order (None: all), so that the mislabel stage's subset
+    (the kept rows) reads the same memory instead of a copy; `graph` is over those rows. `projected`: the compressed
+    search's float16 projections of all the gathered rows (None when exact), indexed like `vectors`."""
 
     vectors: np.ndarray
     graph: Graph
     rows: np.ndarray | None = None
     store: UnitRows | None = None
+    projected: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.graph.ids)
@@ -166,6 +173,17 @@ class Neighbourhood:
         """(start, float32 rows) over this neighbourhood, a chunk at a time."""
         for start in range(0, len(self), chunk):
             yield start, self.take(slice(start, min(len(self), start + chunk)))
+
+    def projections(self, chunk: int = CHUNK) -> np.ndarray | None:
+        """This neighbourhood's rows through the compressed search's projection, float32 (N, 256), read from the
+        projections the search kept (None when it kept none), so that no full-width row is read again."""
+        if self.projected is None:
+            return None
+        out = np.empty((len(self), self.projected.shape[1]), dtype=np.float32)
+        for start in range(0, len(self), chunk):
+            index = slice(start, min(len(self), start + chunk))
+            out[index] = self.projected[index if self.rows is None else self.rows[index]]
+        return out
 
     def dense(self) -> np.ndarray:
         """All rows as one float32 matrix, as gathered (meant for up to `EXACT_LIMIT` rows)."""
@@ -186,17 +204,46 @@ class Neighbourhood:
 
 
 def build(read: Callable[[int, int], np.ndarray], n: int, dim: int, k: int, *, exact_limit: int = EXACT_LIMIT,
-          seed: int = 0, events: Event | None = None) -> Neighbourhood:
+          seed: int = 0, events: Event | None = None, spill_dir: Path | None = None) -> Neighbourhood:
     """Gather N rows (`read(start, stop)` gives float rows, e.g. the embedding of the cached features) chunk by
     chunk (`gather`), and search each row's k nearest other rows once. Through `events` (`curator.core.progress`):
-    a `"stage"` named for what the rows held for the search take (`memory_note`), up front, then the rows searched."""
+    a `"stage"` named for what the rows held for the search take (`memory_note`), up front, then the rows searched.
+
+    Above `exact_limit`, with `spill_dir`, the float16 rows leave memory once the graph is built (`spill`): the
+    stages after the search read few of them (the mislabel probe reads the search's kept projections instead), so at
+    a million rows the 4.6 GB they held is not carried through the duplicate and mislabel stages."""
     dtype = np.float32 if n <= exact_limit else np.float16
     stage(events, f"neighbours ({memory_note(n, dim, dtype)})", n)
     held = gather(read, n, dim, exact_limit)
     graph = knn(held, k, exact_limit=exact_limit, seed=seed, events=events)
-    if isinstance(held, UnitRows):
-        return Neighbourhood(held.rows, graph, None, held)
-    return Neighbourhood(held, graph)
+    projected, graph = graph.projected, replace(graph, projected=None)
+    if not isinstance(held, UnitRows):
+        return Neighbourhood(held, graph)
+    if spill_dir is None:
+        return Neighbourhood(held.rows, graph, None, held, projected)
+    return Neighbourhood(spill(held.rows, spill_dir), graph, None, None, projected)
+
+
+def release(rows: np.ndarray) -> None:
+    """Drop the pages of spilled rows (`spill`) from this process's resident memory: they stay in the page cache, so
+    reading them again costs no disk read while memory lasts. Readers that sweep many rows call it as they go, so
+    that a stage reading every row holds one chunk of them, not 4.6 GB at a million. Anything else is left as is."""
+    mapped = getattr(rows, "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def spill(rows: np.ndarray, folder: Path, chunk: int = CHUNK) -> np.ndarray:
+    """`rows` written to a nameless temporary file in `folder` and mapped back read-only: the memory they held is
+    freed when the caller drops them, and readers touch only the pages of the rows they read. The file has no name
+    from the start (it goes when the mapping does), so nothing is left behind, even by a killed process."""
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=folder) as fh:
+        for start in range(0, len(rows), chunk):
+            fh.write(np.ascontiguousarray(rows[start:start + chunk]).tobytes())
+        fh.flush()
+        return np.memmap(fh, dtype=rows.dtype, mode="r", shape=rows.shape)
 
 
 def pair_keys(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
@@ -392,7 +439,7 @@ def compressed_knn(store: UnitRows, k: int, *, seed: int = 0, chunk: int = CHUNK
     method = (f"compressed (PCA {dims} + IVF{lists} fast-scan PQ{subspaces}x4, nprobe {probe}, re-scored on "
               f"{int(reduced.k_factor * full.k_factor)}k then {int(full.k_factor)}k candidates, "
               f"{rounds} refinement round{'s' if rounds != 1 else ''})")
-    return Graph(ids, sims, False, method, projection)
+    return Graph(ids, sims, False, method, projection, projected.rows)
 
 
 def list_order(ivf, n: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from curator.core.images import (
     scan,
 )
 from curator.core.neighbours import build as build_neighbourhood
-from curator.core.neighbours import graph_width
+from curator.core.neighbours import graph_width, release
 from curator.core.ownership import MARKER, claim, marker_kind
 from curator.core.paths import display, relative_text
 from curator.core.progress import Event, advance, stage
@@ -247,7 +247,8 @@ class LaterStages:
     mislabel stage's warnings, seconds per stage, the image-quality thresholds as sentences, and the gathered
     embeddings of the ok rows (`vectors`, row `ok_rows` of the frame each; None when no row is ok) for the report's
     map, and the mislabel stage's summary (`mislabels`: its noise estimate with the interval, and the tiers'
-    sizes)."""
+    sizes), and the thresholds the duplicate cascade's embedding evidence set (`duplicates`: the typical
+    nearest-neighbour gap and the cosines it gives, `curator.stages.duplicates.thresholds`)."""
 
     frame: pl.DataFrame
     pairs: pl.DataFrame | None
@@ -257,6 +258,7 @@ class LaterStages:
     vectors: np.ndarray | None
     ok_rows: np.ndarray
     mislabels: dict
+    duplicates: dict = field(default_factory=dict)
 
 
 def later_stages(frame: pl.DataFrame, cache: EmbeddingCache, layout: dict[str, tuple[int, int]],
@@ -281,14 +283,18 @@ def later_stages(frame: pl.DataFrame, cache: EmbeddingCache, layout: dict[str, t
         read = cache.reader(ok_shas)
         width = graph_width(len(ok_shas), settings.duplicates.embed_neighbours,
                             vote_size(len(ok_shas), settings.mislabels)[1])
+        cache_dir.mkdir(parents=True, exist_ok=True)
         space = build_neighbourhood(lambda start, stop: embedding_matrix(read(start, stop), layout), len(ok_shas),
                                     embedding_matrix(read(0, 1), layout).shape[1], width,
-                                    events=events)
+                                    events=events, spill_dir=cache_dir)
     timings["neighbours"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     stage(events, "duplicates (exact, phash, embedding)", 3)
-    frame, pairs = find_duplicates(frame, space, settings.duplicates, events)
+    found: dict = {}
+    frame, pairs = find_duplicates(frame, space, settings.duplicates, events, summary=found)
     timings["duplicates"] = time.perf_counter() - t0
+    if space is not None:
+        release(space.vectors)
     t0 = time.perf_counter()
     stage(events, "mislabels (probe + neighbours)", 1)
     # kept rows are a subset of the ok rows: the mislabel stage reads the same rows and the same graph, mapped
@@ -301,7 +307,7 @@ def later_stages(frame: pl.DataFrame, cache: EmbeddingCache, layout: dict[str, t
     advance(events)
     timings["mislabels"] = time.perf_counter() - t0
     return LaterStages(frame, pairs, list(warnings), timings, quality_thresholds, vectors, np.flatnonzero(ok),
-                       estimate)
+                       estimate, found)
 
 
 def clean(settings: CleanSettings, events: Event | None = None, embedder: Embedder = embed_files) -> CleanResult:
@@ -365,7 +371,7 @@ def clean(settings: CleanSettings, events: Event | None = None, embedder: Embedd
                                mislabels=later.mislabels)
     timings["report"] = time.perf_counter() - t0
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
-    resolved["duplicates"] = asdict(settings.duplicates)
+    resolved["duplicates"] = {**asdict(settings.duplicates), "thresholds": later.duplicates}
     resolved["mislabels"] = {**asdict(settings.mislabels), "estimate": later.mislabels}
     resolved["quality"] = {**asdict(settings.quality), "thresholds": later.quality}
     resolved.update(root=str(root), workspace=str(workspace), device_resolved=runtime.device,

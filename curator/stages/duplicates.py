@@ -15,6 +15,10 @@ Every stage-2 and stage-3 pair must also pass two independent checks: its colour
 in one composition and several colours share grey-level hashes), and, for stage 2, its embedding cosine is at least
 as high as a typical nearest neighbour's (1 - `hash_gap_factor` x the median nearest-neighbour gap), which rejects
 hash collisions between paintings that look nothing alike.
+The typical gap (`typical_gap`) is measured to each row's nearest neighbour that is neither linked to it by a hash
+pair nor within `verify_radius` of it by crop-aligned pHash, i.e. to another image rather than a possible copy, so
+that it stays that of the distinct images however many copies a collection holds; the thresholds a run used are
+recorded in settings.json (`thresholds`).
 """
 
 from __future__ import annotations
@@ -149,41 +153,96 @@ class Similarity:
     ids: np.ndarray
     gap: float
 
-    def cosine(self, i: np.ndarray, j: np.ndarray, chunk: int = 65536) -> np.ndarray:
-        """Cosines of the row pairs (i, j), a chunk of pairs at a time (float16 rows are widened per chunk)."""
+    def cosine(self, i: np.ndarray, j: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """Cosines of the row pairs (i, j), a chunk of pairs at a time (float16 rows are widened per chunk, about
+        300 MB of temporaries at 2,304 wide; spilled rows are released after each, see
+        `curator.core.neighbours.release`)."""
+        from curator.core.neighbours import release
+
         if self.unit.dtype == np.float32:
             return (self.unit[i] * self.unit[j]).sum(axis=1)
         out = np.empty(len(i), dtype=np.float32)
         for start in range(0, len(i), chunk):
             a = self.unit[i[start:start + chunk]].astype(np.float32)
             out[start:start + chunk] = (a * self.unit[j[start:start + chunk]].astype(np.float32)).sum(axis=1)
+            release(self.unit)
         return out
 
 
-def similarity(embeddings: np.ndarray | Neighbourhood, k: int, linked: pl.DataFrame | None = None) -> Similarity:
-    """Nearest neighbours of every row, and the median of 1 - cosine to the nearest other row that is not `linked`
-    to it (pairs already found by hashes), so that a collection full of copies does not make its own copies look
-    typical. `embeddings` is a matrix (searched here) or a `curator.core.neighbours.Neighbourhood` whose shared graph is
-    used (its first k neighbours)."""
+#: Neighbours per row searched at least when `similarity` is given a matrix: the typical gap is read past a row's
+#: copies (a painting with 8 copies has 8 neighbours that are not "typical"), so the search must reach beyond them.
+GAP_NEIGHBOURS = 32
+
+
+def similarity(embeddings: np.ndarray | Neighbourhood, k: int, linked: pl.DataFrame | None = None,
+               phash: np.ndarray | None = None, crop: np.ndarray | None = None,
+               copy_radius: int | None = None) -> Similarity:
+    """Nearest neighbours of every row (its first k), and the collection's median nearest-neighbour gap (`typical_gap`):
+    1 - cosine to the nearest other row that is not `linked` to it (pairs already found by hashes) and, when `phash`,
+    `crop` and `copy_radius` are given, whose best crop-aligned pHash distance to it is above `copy_radius` (a row
+    that could be a copy is not a typical neighbour). Both exclusions keep a collection full of copies from making its
+    own copies look typical: with 8 copies of every painting, the nearest row not yet linked was mostly another copy,
+    the gap fell about tenfold and the thresholds built on it rejected the copies themselves. `embeddings` is a matrix
+    (searched here: `max(k, GAP_NEIGHBOURS)` neighbours a row when something is excluded, else k) or a
+    `curator.core.neighbours.Neighbourhood` whose shared graph is used (all of it for the gap, its first k neighbours
+    for the pairs)."""
     from curator.core.neighbours import Neighbourhood
 
+    hashes = (phash, crop, copy_radius) if phash is not None and copy_radius is not None else None
     if isinstance(embeddings, Neighbourhood):
         unit = embeddings.unit()
-        graph = embeddings.graph.first(k)
+        wide = embeddings.graph
     else:
         unit = normalise(embeddings)
-        graph = neighbours(unit, k)
-    n = len(unit)
-    ids, sims = graph.ids, graph.sims
-    excluded = ids < 0
-    if linked is not None and not linked.is_empty():
-        rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)
-        known = pair_keys(linked["i"].to_numpy(), linked["j"].to_numpy(), n)
-        excluded |= np.isin(pair_keys(rows, ids, n), known) & (ids >= 0)
-    nearest = np.where(excluded, -np.inf, sims).max(axis=1, initial=-np.inf)
+        # without exclusions a row's nearest neighbour is its first: no need to search past k
+        excluding = hashes is not None or (linked is not None and not linked.is_empty())
+        wide = neighbours(unit, max(k, GAP_NEIGHBOURS) if excluding else k)
+    graph = wide.first(k)
+    gap = typical_gap(wide.ids, wide.sims, linked, hashes)
+    return Similarity(unit, graph.sims, graph.ids, gap)
+
+
+def typical_gap(ids: np.ndarray, sims: np.ndarray, linked: pl.DataFrame | None = None,
+                hashes: tuple[np.ndarray, np.ndarray | None, int] | None = None) -> float:
+    """Median over rows of 1 - cosine to the row's nearest neighbour (`ids`/`sims`: a neighbour graph, nearest first)
+    that is neither `linked` to it nor, with `hashes` = (pHash, crop pHashes, radius), within `radius` bits of it by
+    best crop-aligned pHash distance; rows without such a neighbour are left out (1.0 when none has one).
+    Column by column over the rows still looking, so that it costs one check a row where nearest neighbours are
+    ordinary, and never a check per (row, neighbour) of a wide graph."""
+    n, width = ids.shape
+    known = (np.unique(pair_keys(linked["i"].to_numpy(), linked["j"].to_numpy(), n))
+             if linked is not None and not linked.is_empty() else np.zeros(0, dtype=np.int64))
+    nearest = np.full(n, np.nan)
+    looking = np.arange(n)
+    for col in range(width):
+        if not len(looking):
+            break
+        other = ids[looking, col].astype(np.int64)
+        fine = other >= 0
+        rows, other = looking[fine], other[fine]
+        ok = np.ones(len(rows), dtype=bool)
+        if len(known):
+            keys = pair_keys(rows, other, n)
+            at = np.minimum(np.searchsorted(known, keys), len(known) - 1)
+            ok &= known[at] != keys
+        if hashes is not None and len(rows):
+            phash, crop, radius = hashes
+            ok &= best_phash_distance(phash, crop if crop is not None else np.zeros((len(phash), 0), np.uint64),
+                                      rows, other) > radius
+        nearest[rows[ok]] = sims[rows[ok], col]
+        looking = np.setdiff1d(looking, rows[ok], assume_unique=True)
     finite = nearest[np.isfinite(nearest)]
-    gap = float(np.median(1.0 - finite)) if len(finite) else 1.0
-    return Similarity(unit, sims, ids, gap)
+    return float(np.median(1.0 - finite)) if len(finite) else 1.0
+
+
+def thresholds(sim: Similarity | None, settings: DuplicateSettings) -> dict[str, float | None]:
+    """The thresholds a run's embeddings set (None without embeddings): the typical nearest-neighbour gap, the
+    cosine a hash pair needs (1 - `hash_gap_factor` x gap) and the embedding stage's (1 - `embed_relative` x gap)."""
+    if sim is None:
+        return {"typical_gap": None, "hash_pair_min_cosine": None, "embedding_min_cosine": None}
+    return {"typical_gap": round(sim.gap, 6),
+            "hash_pair_min_cosine": round(1.0 - settings.hash_gap_factor * sim.gap, 6),
+            "embedding_min_cosine": round(1.0 - settings.embed_relative * sim.gap, 6)}
 
 
 def verify_pairs(pairs: pl.DataFrame, colour: np.ndarray, sim: Similarity | None, min_cosine: float | None,
@@ -203,6 +262,10 @@ def verify_pairs(pairs: pl.DataFrame, colour: np.ndarray, sim: Similarity | None
     return pairs.filter(pl.Series(ok))
 
 
+#: Rows whose graph neighbours `embedding_pairs` screens at once.
+EMBED_ROWS = 65536
+
+
 def embedding_pairs(sim: Similarity, phash: np.ndarray, crop: np.ndarray, colour: np.ndarray,
                     settings: DuplicateSettings) -> pl.DataFrame:
     """Embedding near-duplicates among nearest neighbours above the relative threshold, verified by crop-aligned
@@ -211,10 +274,16 @@ def embedding_pairs(sim: Similarity, phash: np.ndarray, crop: np.ndarray, colour
     if n < 2:
         return empty_pairs()
     threshold = 1.0 - settings.embed_relative * sim.gap
-    rows = np.repeat(np.arange(n), sim.ids.shape[1])
-    cols, cos = sim.ids.ravel(), sim.sims.ravel()
-    keep = (cols >= 0) & (cols != rows) & (cos >= threshold)
-    keys = np.unique(pair_keys(rows[keep], cols[keep], n))
+    found = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, n, EMBED_ROWS):  # candidates a block of rows at a time: at 1M x 64 they took 4.6 GB at once
+        ids = sim.ids[start:start + EMBED_ROWS]
+        rows = np.repeat(np.arange(start, start + len(ids)), ids.shape[1])
+        cols, cos = ids.ravel().astype(np.int64), sim.sims[start:start + len(ids)].ravel()
+        keep = (cols >= 0) & (cols != rows) & (cos >= threshold)
+        rows, cols = rows[keep], cols[keep]
+        near = best_phash_distance(phash, crop, rows, cols) <= settings.verify_radius
+        found.append(pair_keys(rows[near], cols[near], n))
+    keys = np.unique(np.concatenate(found))
     rows, cols = keys // n, keys % n
     dist = best_phash_distance(phash, crop, rows, cols) if len(rows) else np.zeros(0, dtype=np.int64)
     ok = dist <= settings.verify_radius
@@ -280,14 +349,16 @@ def _best_per_row(n: int, pairs: pl.DataFrame, column: str, worst: float, higher
 
 def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | Neighbourhood | None,
                     settings: DuplicateSettings = DuplicateSettings(),
-                    events: Event | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+                    events: Event | None = None, summary: dict | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Run the cascade over a manifest frame (fingerprint columns filled for ok rows) and the ok rows' embeddings
     (in the frame's order of ok rows: a matrix, a `curator.core.neighbours.Neighbourhood` whose shared graph is
     used, as `curator clean` passes it, or None to skip stage 3).
 
     Returns the frame with the duplicate columns and updated status/keep/reason, and every reported pair
-    (`i`, `j` as row indices of `frame`, the stage and its evidence). Each of its three stages sends one `"advance"` through `events`.
-    Cluster and group ids are the first 16 hex digits of the sha256 of the member the keeper rule ranks first.
+    (`i`, `j` as row indices of `frame`, the stage and its evidence). Each of its three stages sends one `"advance"`
+    through `events`. Cluster and group ids are the first 16 hex digits of the sha256 of the member the keeper rule
+    ranks first. `summary`, when given, receives the thresholds the embedding evidence set (`thresholds`), for
+    settings.json.
     """
     step = partial(advance, events)
     from curator.core.hashing import colour_vectors, from_hex
@@ -306,9 +377,12 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | Neighbourhood 
             else np.zeros((0, len(CROP_SCALES)), dtype=np.uint64))
     colour = colour_vectors(ok["colour"].to_list())
     near = phash_pairs(phash, dhash, crop, settings) if m else empty_pairs()
-    sim = (similarity(embeddings, settings.embed_neighbours, pl.concat([exact, near]).select("i", "j"))
+    sim = (similarity(embeddings, settings.embed_neighbours, pl.concat([exact, near]).select("i", "j"), phash, crop,
+                      settings.verify_radius)
            if embeddings is not None and m > 1 else None)
     near = verify_pairs(near, colour, sim, 1.0 - settings.hash_gap_factor * sim.gap if sim else None, settings)
+    if summary is not None:
+        summary.update(thresholds(sim, settings))
     step(1)
     embedded = embedding_pairs(sim, phash, crop, colour, settings) if sim is not None else empty_pairs()
     step(1)
@@ -330,7 +404,8 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | Neighbourhood 
     for name, values in columns.items():
         dtype = pl.Boolean if name.startswith("is_") else pl.String if name.endswith("_group") else pl.Float32
         spread.append(_spread(name, n, ok_rows, values, dtype, False if dtype == pl.Boolean else None))
-    result = frame.drop("duplicate_of", strict=False).with_columns(_spread("cluster", n, ok_rows, cluster, pl.String), *spread)
+    result = frame.drop("duplicate_of", strict=False).with_columns(_spread("cluster", n, ok_rows, cluster, pl.String),
+                                                                   *spread)
     return resolve_clusters(result, global_pairs, settings), global_pairs
 
 

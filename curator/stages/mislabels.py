@@ -439,14 +439,17 @@ def probe_features(embeddings: np.ndarray | Neighbourhood, graph: Graph, fast: b
                    seed: int) -> tuple[np.ndarray, int | None]:
     """What the probe trains on, and the cap on its training rows. Today's probe (`fast` False): the embedding as
     given, every training row. The fast probe: the 256-dimensional projection of the unit rows (the compressed
-    search's own projection when the graph has one, else one fitted on a sample), read in chunks, and training folds
-    of at most `PROBE_TRAIN_ROWS` rows."""
+    search's own projections, as it kept them in float16, when it has them; else the rows read in chunks through its
+    projection, or one fitted on a sample), and training folds of at most `PROBE_TRAIN_ROWS` rows."""
     from curator.core.neighbours import Neighbourhood, fit_projection, normalise
 
     if not fast:
         return (embeddings.dense() if isinstance(embeddings, Neighbourhood) else embeddings), None
     if isinstance(embeddings, Neighbourhood):
         projection = graph.projection
+        kept = embeddings.projections() if projection is not None else None
+        if kept is not None:  # the search's own projections: no full-width row is read again
+            return kept, PROBE_TRAIN_ROWS
         if projection is None:
             projection = fit_projection(_Rows(embeddings), seed=seed)
         out = np.empty((len(embeddings), projection.shape[1]), dtype=np.float32)

@@ -169,6 +169,7 @@ def test_rows_are_arrow_arrays_equal_to_a_dict_per_row(odd_tree):
     from classify.predict import (
         Chunks,
         DirWork,
+        DoneSet,
         Inputs,
         Predictor,
         RowBuilder,
@@ -183,7 +184,7 @@ def test_rows_are_arrow_arrays_equal_to_a_dict_per_row(odd_tree):
     predictor = Predictor(PredictSettings()).to(torch.device("cpu"))
     runtime = select_runtime("cpu", "fp32")
     work = DirWork(root, ReadPolicy(root), predictor.preprocess)
-    plane = DataPlane(Chunks(Inputs(root, root.parent / "p.parquet", False), frozenset(), 8), work,
+    plane = DataPlane(Chunks(Inputs(root, root.parent / "p.parquet", False), DoneSet(), 8), work,
                       predictor.shape)
     builder = RowBuilder(predictor.classes, predictor.name, 4, True, predictor.embedding_width)
     tables, expected = [], []
@@ -268,6 +269,30 @@ def copy_paintings(root, n):
     for p in sorted(SAMPLE.rglob("*.jpg"))[:n]:
         shutil.copy(p, root / p.name)
     return root
+
+
+def test_the_done_set_holds_digests_and_chunks_skip_what_it_holds(tmp_path):
+    """Resume's bookkeeping: 16 bytes a path in one array (shared by forked workers), the escaped flag part of the
+    key, and the listing skips exactly the done files, in listing order."""
+    from classify.predict import Chunks, DoneSet, Inputs
+    from curator.core.paths import relative_text
+
+    done = DoneSet([("a/x.jpg", False), ("b/\\xff.jpg", True), ("a/x.jpg", False)])
+    assert len(done) == 2 and done.digests.nbytes == 32
+    assert done.contains([("a/x.jpg", False), ("a/x.jpg", True), ("b/\\xff.jpg", True), ("c.jpg", False)]).tolist() \
+        == [True, False, True, False]
+    assert DoneSet().contains([("a/x.jpg", False)]).tolist() == [False] and len(DoneSet.union([])) == 0
+    assert len(DoneSet.union([done, DoneSet([("c.jpg", False)])])) == 3
+    root = tmp_path / "tree"
+    for i in range(30):
+        (root / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 3}" / f"{i:02d}.jpg").write_bytes(b"x")
+    inputs = Inputs(root, tmp_path / "out.parquet", False)
+    listed = list(inputs)
+    half = DoneSet(relative_text(p, root) for p in listed[::2])
+    batches = list(Chunks(inputs, half, 4)())
+    assert [p for b in batches for p in b] == listed[1::2] and all(len(b) <= 4 for b in batches)
+    assert [p for b in Chunks(inputs, DoneSet(), 4)() for p in b] == listed
 
 
 def test_non_utf8_names_are_rows_and_resume_reads_them_back(tmp_path):
