@@ -671,7 +671,7 @@ class RowBuilder:
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
 
-def _device_jpegs(setting: bool, runtime: Runtime) -> bool:
+def _device_jpegs(setting: bool) -> bool:
     """Whether JPEGs go to `curator.embedding.gpu_decode`: only when asked (`--gpu-decode`), and it can be imported."""
     if not setting:
         return False
@@ -714,7 +714,7 @@ def classify_dir(root: Path, out: Path, settings: PredictSettings | None = None,
                              "already complete")
     runtime = select_runtime(settings.device, settings.dtype)
     batch_size, flush_every = settings.resolved(runtime.device)
-    device_jpegs = _device_jpegs(settings.gpu_decode, runtime)
+    device_jpegs = _device_jpegs(settings.gpu_decode)
     predictor = _load_predictor(settings, runtime, emit)
     claim_parts(parts, fp)
     schema = output_schema(settings.embeddings)

@@ -26,7 +26,7 @@ from curator.core.images import (
     scan,
 )
 from curator.core.neighbours import build as build_neighbourhood
-from curator.core.neighbours import graph_width, release
+from curator.core.neighbours import graph_width
 from curator.core.ownership import MARKER, claim, marker_kind
 from curator.core.paths import display, relative_text
 from curator.core.progress import Event, advance, stage
@@ -293,8 +293,6 @@ def later_stages(frame: pl.DataFrame, cache: EmbeddingCache, layout: dict[str, t
     found: dict = {}
     frame, pairs = find_duplicates(frame, space, settings.duplicates, events, summary=found)
     timings["duplicates"] = time.perf_counter() - t0
-    if space is not None:
-        release(space.vectors)
     t0 = time.perf_counter()
     stage(events, "mislabels (probe + neighbours)", 1)
     # kept rows are a subset of the ok rows: the mislabel stage reads the same rows and the same graph, mapped

@@ -269,26 +269,26 @@ EMBED_ROWS = 65536
 def embedding_pairs(sim: Similarity, phash: np.ndarray, crop: np.ndarray, colour: np.ndarray,
                     settings: DuplicateSettings) -> pl.DataFrame:
     """Embedding near-duplicates among nearest neighbours above the relative threshold, verified by crop-aligned
-    pHash and colour."""
+    pHash and colour. The cosines are the graph's own (exact, see `curator.core.neighbours.Graph`): no row is read."""
     n = len(sim.unit)
     if n < 2:
         return empty_pairs()
     threshold = 1.0 - settings.embed_relative * sim.gap
-    found = [np.zeros(0, dtype=np.int64)]
+    keys, dists, cosines = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], [np.zeros(0, np.float32)]
     for start in range(0, n, EMBED_ROWS):  # candidates a block of rows at a time: at 1M x 64 they took 4.6 GB at once
         ids = sim.ids[start:start + EMBED_ROWS]
         rows = np.repeat(np.arange(start, start + len(ids)), ids.shape[1])
         cols, cos = ids.ravel().astype(np.int64), sim.sims[start:start + len(ids)].ravel()
         keep = (cols >= 0) & (cols != rows) & (cos >= threshold)
-        rows, cols = rows[keep], cols[keep]
-        near = best_phash_distance(phash, crop, rows, cols) <= settings.verify_radius
-        found.append(pair_keys(rows[near], cols[near], n))
-    keys = np.unique(np.concatenate(found))
-    rows, cols = keys // n, keys % n
-    dist = best_phash_distance(phash, crop, rows, cols) if len(rows) else np.zeros(0, dtype=np.int64)
-    ok = dist <= settings.verify_radius
-    rows, cols, dist = rows[ok], cols[ok], dist[ok]
-    cos = sim.cosine(rows, cols)
+        rows, cols, cos = rows[keep], cols[keep], cos[keep]
+        dist = best_phash_distance(phash, crop, rows, cols)
+        near = dist <= settings.verify_radius
+        keys.append(pair_keys(rows[near], cols[near], n))
+        dists.append(dist[near].astype(np.int64))
+        cosines.append(cos[near])
+    unique, first = np.unique(np.concatenate(keys), return_index=True)  # a pair found from both of its rows: once
+    rows, cols = unique // n, unique % n
+    dist, cos = np.concatenate(dists)[first], np.concatenate(cosines)[first]
     pairs = _pairs_frame(rows, cols, "embedding", dist, cos,
                          detail=[f"cosine {c:.3f} (threshold {threshold:.3f}), best pHash distance {d}"
                                  for c, d in zip(cos, dist)])

@@ -447,7 +447,7 @@ def probe_features(embeddings: np.ndarray | Neighbourhood, graph: Graph, fast: b
         return (embeddings.dense() if isinstance(embeddings, Neighbourhood) else embeddings), None
     if isinstance(embeddings, Neighbourhood):
         projection = graph.projection
-        kept = embeddings.projections() if projection is not None else None
+        kept = embeddings.projections()
         if kept is not None:  # the search's own projections: no full-width row is read again
             return kept, PROBE_TRAIN_ROWS
         if projection is None:

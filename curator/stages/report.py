@@ -168,13 +168,12 @@ def _mislabels(frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs, estimate: 
 def _estimate_note(estimate: dict) -> str:
     """"Estimated 0.4% of labels wrong (90% interval 0.2-0.7%), from 3,030 judged images." (`estimate_text`, the
     words of the CLI's summary too)."""
-    text = estimate_text(estimate)
-    if not text:
+    said = estimate_text({**estimate, "reliable": True}) if estimate else None
+    if not said:
         return ""
-    said, _, caveat = text.partition("; ")
     note = f"{said[0].upper()}{said[1:]}, from {estimate.get('judged', 0):,} judged images."
-    return note + (" Too few images to trust it: nothing was removed, the would-be outliers are kept for review."
-                   if caveat else "")
+    return note + ("" if estimate.get("reliable", True) else
+                   " Too few images to trust it: nothing was removed, the would-be outliers are kept for review.")
 
 
 def _mislabel_section(rows: pl.DataFrame, frame: pl.DataFrame, workspace: Path, thumbs: _Thumbs, anchor: str,
