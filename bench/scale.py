@@ -49,20 +49,22 @@ def own_peak_mb() -> float:
     memory. ru_maxrss where /proc is absent."""
     import resource
 
-    try:
-        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        found = None
-    return int(found.group(1)) / 1024 if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _memory_status().get("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def resident_mb() -> dict[str, float]:
     """This process's resident memory now, in MB, by kind (RssAnon, RssFile, RssShmem; empty where /proc is absent)."""
+    return {k: v for k, v in _memory_status().items() if k.startswith("Rss")}
+
+
+def _memory_status() -> dict[str, float]:
+    """The memory lines of /proc/self/status (VmHWM, RssAnon, ...) in MB; empty where it does not exist."""
     try:
         text = Path("/proc/self/status").read_text()
     except OSError:
         return {}
-    return {k: int(v) / 1024 for k, v in re.findall(r"^(Rss\w+):\s+(\d+) kB", text, re.M)}
+    return {k: int(v) / 1024 for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.M)}
 
 
 def child(phase: str, args: list[str]) -> dict:
@@ -477,14 +479,9 @@ def run_tree(dev: Path, files: int, base: Path, keep: Path | None = None) -> dic
 
 def embedding_threshold(workspace: Path) -> float | None:
     """The embedding-stage cosine threshold the cascade used on a workspace (1 - 0.5 x the collection's typical
-    nearest-neighbour gap), read off a reason that cites an embedding pair; None when none does."""
-    import re
-
-    from curator.core import manifest
-
-    reasons = manifest.read(workspace)["reason"].drop_nulls().to_list()
-    found = next((m for r in reasons if (m := re.search(r"\(threshold ([0-9.]+)\)", r))), None)
-    return float(found.group(1)) if found else None
+    nearest-neighbour gap), as `curator clean` recorded it in settings.json; None without embeddings."""
+    recorded = json.loads((workspace / "settings.json").read_text())["duplicates"]["thresholds"]
+    return recorded["embedding_min_cosine"]
 
 
 def print_tree(r: dict) -> None:
