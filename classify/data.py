@@ -228,12 +228,11 @@ class PixelCache:
         """Check the cached records of `shas` against their checksums; a damaged one is dropped from the index (so
         it counts as not cached and is decoded again), with a warning. Returns the shas dropped."""
         damaged = []
-        records = self._store.records
         for sha in dict.fromkeys(shas):
             row = self._store.row(sha)
             if row is None:
                 continue
-            record = records[row]
+            record = self._store.read([row])[0]
             if _record_crc(record["sha"], record["pix"]) != int(record["crc"]):
                 damaged.append(sha)
         self._store.exclude(damaged)
@@ -247,8 +246,8 @@ class PixelCache:
         return self._store.rows(shas, "pixels")
 
     def pixels(self, row: int) -> np.ndarray:
-        """The square of record number `row`, read from the memory map."""
-        return self._store.records["pix"][row]
+        """The square of record number `row`, read from the file (`RecordStore.read`)."""
+        return self._store.read([row])[0]["pix"]
 
 
 def pixel_cache_path(directory: Path, preprocess: Preprocess) -> Path:

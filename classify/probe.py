@@ -35,14 +35,14 @@ from curator.embedding.embed import EmbeddingCache
 
 
 def read_features(emb: EmbeddingCache, shas: list[str], chunk: int = 4096) -> np.ndarray:
-    """float32 features of `shas` from the embedding store, in order, copied `chunk` rows at a time from the float16
-    memory map into one array: the result (len(shas) x dim x 4 bytes) is the only full-size copy made. KeyError
-    naming the first sha not stored."""
-    rows = emb.rows(shas)
-    vectors = emb.vectors()
-    out = np.empty((len(rows), emb.dim), dtype=np.float32)
-    for start in range(0, len(rows), chunk):
-        out[start:start + chunk] = vectors[rows[start:start + chunk]]
+    """float32 features of `shas` from the embedding store, in order, read `chunk` rows at a time
+    (`EmbeddingCache.reader`: positioned reads, not the memory map, whose touched pages would stay resident) into one
+    array: the result (len(shas) x dim x 4 bytes) is the only full-size copy made. KeyError naming the first sha not
+    stored."""
+    read = emb.reader(shas)
+    out = np.empty((len(shas), emb.dim), dtype=np.float32)
+    for start in range(0, len(shas), chunk):
+        out[start:start + chunk] = read(start, min(len(shas), start + chunk))
     return out
 
 

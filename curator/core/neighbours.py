@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import mmap
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from curator.core.progress import Event, advance, stage
+from curator.core.rowfile import RowFile
 
 #: Rows up to which the graph is exact (bench/neighbours_scale.py, one thread): exact search costs N^2 D (5.3 s of CPU
 #: at 10k x 2,304 with k = 200, so about 21 s at 20k), the compressed one about 0.5 ms a row plus 5 s to build at
@@ -146,12 +146,13 @@ class Neighbourhood:
     both read, built once (`curator clean`: `build`).
 
     `vectors` holds the gathered rows: up to `EXACT_LIMIT` the float32 embedding as given, above it a `UnitRows`'
-    float16 unit rows (or, built with a `spill_dir`, the same rows mapped read-only from a file: see `spill`).
+    float16 unit rows (or, built with a `spill_dir`, the same rows in a file, read a few at a time: a
+    `curator.core.rowfile.RowFile`).
     `rows` says which of them this neighbourhood covers, in order (None: all), so that the mislabel stage's subset
     (the kept rows) reads the same memory instead of a copy; `graph` is over those rows. `projected`: the compressed
     search's float16 projections of all the gathered rows (None when exact), indexed like `vectors`."""
 
-    vectors: np.ndarray
+    vectors: np.ndarray | RowFile
     graph: Graph
     rows: np.ndarray | None = None
     store: UnitRows | None = None
@@ -187,9 +188,9 @@ class Neighbourhood:
 
     def dense(self) -> np.ndarray:
         """All rows as one float32 matrix, as gathered (meant for up to `EXACT_LIMIT` rows)."""
-        return self.vectors.astype(np.float32, copy=False) if self.rows is None else self.take(slice(None))
+        return np.asarray(self.vectors, dtype=np.float32) if self.rows is None else self.take(slice(None))
 
-    def unit(self) -> np.ndarray:
+    def unit(self) -> np.ndarray | RowFile:
         """The unit rows the graph was searched on: float32 (normalised again) up to `EXACT_LIMIT`, the float16 rows
         themselves (no copy) above it when this is the whole collection."""
         if self.vectors.dtype == np.float16 and self.rows is None:
@@ -209,9 +210,10 @@ def build(read: Callable[[int, int], np.ndarray], n: int, dim: int, k: int, *, e
     chunk (`gather`), and search each row's k nearest other rows once. Through `events` (`curator.core.progress`):
     a `"stage"` named for what the rows held for the search take (`memory_note`), up front, then the rows searched.
 
-    Above `exact_limit`, with `spill_dir`, the float16 rows leave memory once the graph is built (`spill`): the
-    stages after the search read few of them (the mislabel probe reads the search's kept projections instead), so at
-    a million rows the 4.6 GB they held is not carried through the duplicate and mislabel stages."""
+    Above `exact_limit`, with `spill_dir`, the float16 rows leave memory once the graph is built, for a nameless
+    file there (`curator.core.rowfile.RowFile`): the stages after the search read few of them (the mislabel probe
+    reads the search's kept projections instead), so at a million rows the 4.6 GB they held is not carried through
+    the duplicate and mislabel stages."""
     dtype = np.float32 if n <= exact_limit else np.float16
     stage(events, f"neighbours ({memory_note(n, dim, dtype)})", n)
     held = gather(read, n, dim, exact_limit)
@@ -221,29 +223,7 @@ def build(read: Callable[[int, int], np.ndarray], n: int, dim: int, k: int, *, e
         return Neighbourhood(held, graph)
     if spill_dir is None:
         return Neighbourhood(held.rows, graph, None, held, projected)
-    return Neighbourhood(spill(held.rows, spill_dir), graph, None, None, projected)
-
-
-def release(rows: np.ndarray) -> None:
-    """Drop the pages of spilled rows (`spill`) from this process's resident memory: they stay in the page cache, so
-    reading them again costs no disk read while memory lasts. Readers that sweep many rows call it as they go, so
-    that a stage reading every row holds one chunk of them, not 4.6 GB at a million. Anything else is left as is."""
-    mapped = getattr(rows, "_mmap", None)
-    if mapped is not None and hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_DONTNEED)
-
-
-def spill(rows: np.ndarray, folder: Path, chunk: int = CHUNK) -> np.ndarray:
-    """`rows` written to a nameless temporary file in `folder` and mapped back read-only: the memory they held is
-    freed when the caller drops them, and readers touch only the pages of the rows they read. The file has no name
-    from the start (it goes when the mapping does), so nothing is left behind, even by a killed process."""
-    import tempfile
-
-    with tempfile.TemporaryFile(dir=folder) as fh:
-        for start in range(0, len(rows), chunk):
-            fh.write(np.ascontiguousarray(rows[start:start + chunk]).tobytes())
-        fh.flush()
-        return np.memmap(fh, dtype=rows.dtype, mode="r", shape=rows.shape)
+    return Neighbourhood(RowFile.write(held.rows, spill_dir), graph, None, None, projected)
 
 
 def pair_keys(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:

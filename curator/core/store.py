@@ -3,8 +3,10 @@
 A store is one file of records of a numpy structured dtype whose first field is `sha` (32 bytes, the sha256 of the
 source file's bytes); the rest is a fixed-shape payload (a float16 vector, a CRC and a uint8 square, ...). Appending
 costs O(batch): the batch is written at the end of the file and its shas are added to an in-memory index
-({sha: record number}); nothing already stored is copied. Reads go through a read-only `np.memmap` of the file, so
-`get` of a few rows touches those rows' pages only, never the whole file, and RAM is bounded by the page cache.
+({sha: record number}); nothing already stored is copied. Records are read by number with positioned reads
+(`read`, `curator.core.rowfile.read_records`): only the records read become the process's memory. (`records`, a
+read-only `np.memmap` of the whole file, is there for tests and whole scans: on current kernels touching a few
+scattered rows of a map made most of the file resident.)
 
 Opening is one sequential pass over the file in `SCAN_BYTES` chunks (a fixed-size buffer, not the file in RAM), which
 builds the index and lets the caller's `keep` test drop damaged records (e.g. NaN vectors). The index costs about
@@ -249,6 +251,17 @@ class RecordStore:
                 raise KeyError(f"no cached {what} for sha256 {_key(sha).hex()}")
             out[i] = row
         return out
+
+    def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The records number `rows` (in the order asked), read from the file with positioned reads; EOFError if
+        the file is shorter than a record asked for (rewritten meanwhile)."""
+        from curator.core.rowfile import read_records
+
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return read_records(fd, np.asarray(rows, dtype=np.int64), self.record)
+        finally:
+            os.close(fd)
 
     def exclude(self, shas: Iterable[str | bytes]) -> None:
         """Leave `shas` out of the index (their records stay in the file; a later append of the sha is indexed)."""

@@ -32,6 +32,7 @@ import polars as pl
 from curator.core.hashing import CROP_SCALES
 from curator.core.neighbours import Graph, Neighbourhood, pair_keys
 from curator.core.progress import Event, advance
+from curator.core.rowfile import RowFile
 from curator.core.settings import DuplicateSettings  # re-exported: defined in the light module the CLI imports
 
 #: Formats ranked for keeping, least lossy first (the keeper rule's second key).
@@ -145,27 +146,24 @@ def neighbours(unit: np.ndarray, k: int) -> Graph:
 
 @dataclass(frozen=True)
 class Similarity:
-    """Unit embeddings (float32, or the float16 unit rows of a large collection), each row's nearest other rows
-    (`ids`, -1 padded, and their cosines `sims`), and the collection's median nearest-neighbour gap."""
+    """Unit embeddings (float32, or the float16 unit rows of a large collection, held or in a file: `RowFile`), each
+    row's nearest other rows (`ids`, -1 padded, and their cosines `sims`), and the collection's median
+    nearest-neighbour gap."""
 
-    unit: np.ndarray
+    unit: np.ndarray | RowFile
     sims: np.ndarray
     ids: np.ndarray
     gap: float
 
     def cosine(self, i: np.ndarray, j: np.ndarray, chunk: int = 8192) -> np.ndarray:
-        """Cosines of the row pairs (i, j), a chunk of pairs at a time (float16 rows are widened per chunk, about
-        300 MB of temporaries at 2,304 wide; spilled rows are released after each, see
-        `curator.core.neighbours.release`)."""
-        from curator.core.neighbours import release
-
+        """Cosines of the row pairs (i, j), a chunk of pairs at a time (float16 rows, held or spilled to a
+        `curator.core.rowfile.RowFile`, are read and widened per chunk: about 300 MB of temporaries at 2,304 wide)."""
         if self.unit.dtype == np.float32:
             return (self.unit[i] * self.unit[j]).sum(axis=1)
         out = np.empty(len(i), dtype=np.float32)
         for start in range(0, len(i), chunk):
             a = self.unit[i[start:start + chunk]].astype(np.float32)
             out[start:start + chunk] = (a * self.unit[j[start:start + chunk]].astype(np.float32)).sum(axis=1)
-            release(self.unit)
         return out
 
 

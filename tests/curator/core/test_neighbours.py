@@ -1,9 +1,5 @@
 from __future__ import annotations
 
-import os
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -23,6 +19,7 @@ from curator.core.neighbours import (
     reverse_neighbours,
     synthetic_embeddings,
 )
+from curator.core.rowfile import RowFile
 from curator.embedding.embed import EmbeddingCache, embedding_matrix
 
 
@@ -247,16 +244,19 @@ def test_refinement_leaves_an_exact_graph_as_it_is_and_is_deterministic():
 
 
 def test_spilled_rows_leave_memory_and_read_the_same(tmp_path):
-    """Above the exact limit, `build(spill_dir=...)` maps the float16 rows back from a nameless file (nothing left
-    in the folder), with the same graph, and keeps the search's projections for the probe, subsets included."""
+    """Above the exact limit, `build(spill_dir=...)` moves the float16 rows to a nameless file (nothing left in the
+    folder) that reads them back, with the same graph, and keeps the search's projections for the probe, subsets
+    included."""
     from curator.core.neighbours import build, project, synthetic_embeddings
 
     x = synthetic_embeddings(3000, dim=64, seed=3)["vectors"]
     held = build(lambda a, b: x[a:b], 3000, 64, 16, exact_limit=1000)
     spilled = build(lambda a, b: x[a:b], 3000, 64, 16, exact_limit=1000, spill_dir=tmp_path)
-    assert isinstance(spilled.vectors, np.memmap) and not spilled.vectors.flags.writeable and spilled.store is None
+    assert isinstance(spilled.vectors, RowFile) and spilled.store is None
     assert list(tmp_path.iterdir()) == []
     assert np.array_equal(np.asarray(spilled.vectors), held.vectors)
+    assert np.array_equal(spilled.take(np.array([5, 2999, 5])), held.take(np.array([5, 2999, 5])))
+    assert np.array_equal(spilled.subset(np.arange(10, 3000, 7)).dense(), held.subset(np.arange(10, 3000, 7)).dense())
     assert np.array_equal(spilled.graph.ids, held.graph.ids) and spilled.graph.projected is None
     projections = spilled.projections()
     reference = project(held.vectors, held.graph.projection)
@@ -265,22 +265,3 @@ def test_spilled_rows_leave_memory_and_read_the_same(tmp_path):
     some = np.arange(0, 3000, 3)
     assert np.array_equal(spilled.subset(some).projections(), projections[some])
     assert held.projections() is not None and build(lambda a, b: x[a:b], 800, 64, 16).projections() is None
-
-
-def _resident_mb() -> float:
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
-def test_released_spilled_rows_leave_resident_memory_and_stay_readable(tmp_path):
-    from curator.core.neighbours import release, spill
-
-    rows = np.random.default_rng(0).standard_normal((16_384, 2_048)).astype(np.float16)  # 64 MB
-    mapped = spill(rows, tmp_path)
-    before = _resident_mb()
-    assert float(np.asarray(mapped, dtype=np.float32).sum()) == float(rows.astype(np.float32).sum())  # every page
-    swept = _resident_mb()
-    release(mapped)
-    assert swept - before > 48 and swept - _resident_mb() > 48
-    assert np.array_equal(mapped[::997], rows[::997])  # read back from the page cache or the file
-    release(rows)  # anything else: left as it is

@@ -1,4 +1,4 @@
-"""The append-only record store behind the embedding and pixel caches: O(batch) appends, memory-mapped reads, a torn
+"""The append-only record store behind the embedding and pixel caches: O(batch) appends, positioned reads, a torn
 tail cut on open, fsync per chunk rather than per batch, and a killed writer losing at most the batch in flight."""
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ def test_append_reopen_and_get_give_back_the_same_records(tmp_path):
     assert reopened.rows([sha(5)]).tolist() == [100]
     assert np.array_equal(reopened.records[:100], batch(0, 100))
     assert np.array_equal(reopened.records[reopened.rows([sha(7), sha(3)])], np.concatenate([batch(7, 1), batch(3, 1)]))
-    assert reopened.missing([sha(3), sha(500)]) == [sha(500)]
+    assert np.array_equal(reopened.read([7, 3, 7, 8]), np.concatenate([batch(7, 1), batch(3, 1), batch(7, 2)]))
+    assert reopened.read([]).shape == (0,) and reopened.missing([sha(3), sha(500)]) == [sha(500)]
     with pytest.raises(KeyError, match=sha(500)):
         reopened.rows([sha(1), sha(500)])
+    with pytest.raises(EOFError):
+        reopened.read([101])
 
 
 def test_a_torn_tail_is_cut_by_a_writer_and_left_alone_by_a_reader(tmp_path):
