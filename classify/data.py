@@ -139,6 +139,10 @@ def file_items(frame: pl.DataFrame) -> list[tuple[str, str]]:
             for text, flag, sha in zip(frame["path"].to_list(), escaped, frame["sha256"].to_list(), strict=True)]
 
 
+#: Pixel-cache records checked per read in `PixelCache.verify` (about 64 MB of 292-px squares).
+VERIFY_RECORDS = 256
+
+
 class PixelCache:
     """Append-only file of (sha256, crc32, uint8 side x side x 3) records, memory-mapped for reading, with a
     metadata file (side, record size, format, and the preprocessing key). `side` is `preprocess.resize`: a record is
@@ -227,14 +231,13 @@ class PixelCache:
     def verify(self, shas: Sequence[str]) -> list[str]:
         """Check the cached records of `shas` against their checksums; a damaged one is dropped from the index (so
         it counts as not cached and is decoded again), with a warning. Returns the shas dropped."""
+        cached = [(sha, row) for sha in dict.fromkeys(shas) if (row := self._store.row(sha)) is not None]
         damaged = []
-        for sha in dict.fromkeys(shas):
-            row = self._store.row(sha)
-            if row is None:
-                continue
-            record = self._store.read([row])[0]
-            if _record_crc(record["sha"], record["pix"]) != int(record["crc"]):
-                damaged.append(sha)
+        for start in range(0, len(cached), VERIFY_RECORDS):
+            part = cached[start:start + VERIFY_RECORDS]
+            for (sha, _), record in zip(part, self._store.read([row for _, row in part])):
+                if _record_crc(record["sha"], record["pix"]) != int(record["crc"]):
+                    damaged.append(sha)
         self._store.exclude(damaged)
         if damaged:
             self.warnings.append(f"pixel cache {self.path.name}: {len(damaged)} damaged records (checksum mismatch) "
