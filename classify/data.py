@@ -144,7 +144,7 @@ VERIFY_RECORDS = 256
 
 
 class PixelCache:
-    """Append-only file of (sha256, crc32, uint8 side x side x 3) records, memory-mapped for reading, with a
+    """Append-only file of (sha256, crc32, uint8 side x side x 3) records, read a record at a time, with a
     metadata file (side, record size, format, and the preprocessing key). `side` is `preprocess.resize`: a record is
     `preprocess.square(image)`. The records live in a `curator.core.store.RecordStore`: appending costs O(batch), reads
     touch only the rows asked for, and an interrupted run loses at most the batch in flight (fsync every 64 MB and

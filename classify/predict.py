@@ -316,13 +316,18 @@ class DoneSet:
     MB per million paths in every worker that filtered with it. Membership is tested a block of paths at a time."""
 
     def __init__(self, pairs: Iterable[tuple[str, bool]] = ()):
-        self.digests = np.unique(np.array([_digest(text, escaped) for text, escaped in pairs], dtype="S16"))
+        self.digests = np.unique(_digests(pairs))
+
+    @classmethod
+    def from_digests(cls, digests: Iterable[np.ndarray]) -> DoneSet:
+        """The set of the given digest arrays (`_digests`), sorted once."""
+        made = cls()
+        made.digests = np.unique(np.concatenate([made.digests, *digests]))
+        return made
 
     @classmethod
     def union(cls, sets: Iterable[DoneSet]) -> DoneSet:
-        merged = cls()
-        merged.digests = np.unique(np.concatenate([merged.digests, *(s.digests for s in sets)]))
-        return merged
+        return cls.from_digests(s.digests for s in sets)
 
     def __len__(self) -> int:
         return len(self.digests)
@@ -331,14 +336,16 @@ class DoneSet:
         """(len(pairs),) bool: which of `pairs` are done."""
         if not len(self.digests) or not len(pairs):
             return np.zeros(len(pairs), dtype=bool)
-        wanted = np.array([_digest(text, escaped) for text, escaped in pairs], dtype="S16")
+        wanted = _digests(pairs)
         at = np.minimum(np.searchsorted(self.digests, wanted), len(self.digests) - 1)
         return self.digests[at] == wanted
 
 
-def _digest(text: str, escaped: bool) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, person=b"e" if escaped else b"p"
-                           ).digest()
+def _digests(pairs: Iterable[tuple[str, bool]]) -> np.ndarray:
+    """The 16-byte BLAKE2b digest of each (path text, escaped) pair, in order (the escaped flag as its person)."""
+    return np.array([hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16,
+                                     person=b"e" if escaped else b"p").digest() for text, escaped in pairs],
+                    dtype="S16")
 
 
 @dataclass(frozen=True)
@@ -491,7 +498,7 @@ def _write_atomic_table(table: pa.Table, path: Path) -> None:
 def read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], DoneSet, int]:
     """The flushed part files, the (path, escaped) pairs they hold and their row count."""
     files = sorted(parts.glob("part-*.parquet"))
-    done: list[DoneSet] = []
+    done: list[np.ndarray] = []
     rows = 0
     for f in files:
         try:
@@ -503,9 +510,9 @@ def read_parts(parts: Path, schema: pa.Schema) -> tuple[list[Path], DoneSet, int
         if table is None:
             raise UsageError(f"{_show(parts)} was written with other options (columns {names}); rerun with the "
                              f"same --embeddings setting, or delete it")
-        done.append(DoneSet(zip(table.column("path").to_pylist(), table.column("path_escaped").to_pylist())))
+        done.append(_digests(zip(table.column("path").to_pylist(), table.column("path_escaped").to_pylist())))
         rows += table.num_rows
-    return files, DoneSet.union(done), rows
+    return files, DoneSet.from_digests(done), rows
 
 
 def _old_names(names: list[str]) -> list[str]:
