@@ -238,9 +238,8 @@ def thresholds(sim: Similarity | None, settings: DuplicateSettings) -> dict[str,
     cosine a hash pair needs (1 - `hash_gap_factor` x gap) and the embedding stage's (1 - `embed_relative` x gap)."""
     if sim is None:
         return {"typical_gap": None, "hash_pair_min_cosine": None, "embedding_min_cosine": None}
-    return {"typical_gap": round(sim.gap, 6),
-            "hash_pair_min_cosine": round(1.0 - settings.hash_gap_factor * sim.gap, 6),
-            "embedding_min_cosine": round(1.0 - settings.embed_relative * sim.gap, 6)}
+    return {"typical_gap": sim.gap, "hash_pair_min_cosine": 1.0 - settings.hash_gap_factor * sim.gap,
+            "embedding_min_cosine": 1.0 - settings.embed_relative * sim.gap}
 
 
 def verify_pairs(pairs: pl.DataFrame, colour: np.ndarray, sim: Similarity | None, min_cosine: float | None,
@@ -271,7 +270,7 @@ def embedding_pairs(sim: Similarity, phash: np.ndarray, crop: np.ndarray, colour
     n = len(sim.unit)
     if n < 2:
         return empty_pairs()
-    threshold = 1.0 - settings.embed_relative * sim.gap
+    threshold = thresholds(sim, settings)["embedding_min_cosine"]
     keys, dists, cosines = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], [np.zeros(0, np.float32)]
     for start in range(0, n, EMBED_ROWS):  # candidates a block of rows at a time: at 1M x 64 they took 4.6 GB at once
         ids = sim.ids[start:start + EMBED_ROWS]
@@ -378,9 +377,10 @@ def find_duplicates(frame: pl.DataFrame, embeddings: np.ndarray | Neighbourhood 
     sim = (similarity(embeddings, settings.embed_neighbours, pl.concat([exact, near]).select("i", "j"), phash, crop,
                       settings.verify_radius)
            if embeddings is not None and m > 1 else None)
-    near = verify_pairs(near, colour, sim, 1.0 - settings.hash_gap_factor * sim.gap if sim else None, settings)
+    limits = thresholds(sim, settings)
+    near = verify_pairs(near, colour, sim, limits["hash_pair_min_cosine"], settings)
     if summary is not None:
-        summary.update(thresholds(sim, settings))
+        summary.update({name: None if value is None else round(value, 6) for name, value in limits.items()})
     step(1)
     embedded = embedding_pairs(sim, phash, crop, colour, settings) if sim is not None else empty_pairs()
     step(1)

@@ -53,6 +53,7 @@ from curator.stages.duplicates import (
     connected_clusters,
     radius_pairs,
     similarity,
+    thresholds,
 )
 
 SPLITS = ("train", "val", "test")
@@ -540,7 +541,7 @@ def make_splits(workspace: Path, settings: SplitSettings | None = None,
         groups = [None] * len(kept)
     space, phash = _kept_space(workspace, meta, kept, warnings, duplicates.embed_neighbours, settings.seed)
     sim = similarity(space, duplicates.embed_neighbours)
-    threshold = 1.0 - duplicates.embed_relative * sim.gap
+    threshold = thresholds(sim, duplicates)["embedding_min_cosine"]
     candidates = leak_candidates(space, phash, threshold, duplicates.phash_radius, seed=settings.seed)
     space = sim = None  # the rows and the graph are not needed any more
 
